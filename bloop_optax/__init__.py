@@ -1,0 +1,32 @@
+"""bloop_optax: gradient surgery with an EMA (Bloop) as optax transforms.
+
+References:
+  Hsieh, Thornton, Ndiaye, Klein, Cuturi, Ablin. "Careful with that Scalpel:
+  Improving Gradient Surgery with an EMA". ICML 2024. arXiv:2402.02998.
+"""
+
+from bloop_optax._grads import value_and_grads
+from bloop_optax._pair import MainAux
+from bloop_optax._transforms import BloopState
+from bloop_optax._transforms import MixedState
+from bloop_optax._transforms import SurgeryState
+from bloop_optax._transforms import bloop
+from bloop_optax._transforms import dynamic_barrier
+from bloop_optax._transforms import mixed
+from bloop_optax._transforms import pcgrad
+from bloop_optax._transforms import tree_dot
+
+__version__ = "0.1.0"
+
+__all__ = (
+  "BloopState",
+  "MainAux",
+  "MixedState",
+  "SurgeryState",
+  "bloop",
+  "dynamic_barrier",
+  "mixed",
+  "pcgrad",
+  "tree_dot",
+  "value_and_grads",
+)

@@ -1,0 +1,109 @@
+"""Both gradients of a ``(main_loss, aux_loss)`` function from one forward pass."""
+
+from collections.abc import Callable
+from collections.abc import Sequence
+import functools
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+
+from bloop_optax._pair import MainAux
+
+
+def _loss_pair(out: Any, has_aux: bool) -> tuple[jax.Array, jax.Array]:
+  pair = out
+  if not (isinstance(pair, (tuple, list)) and len(pair) == 2):
+    expected = (
+      "((main_loss, aux_loss), aux_data)" if has_aux else "(main_loss, aux_loss)"
+    )
+    raise TypeError(
+      f"value_and_grads: expected fun to return {expected} with scalar"
+      f" losses; got {type(pair).__name__}: {jax.tree.structure(pair)}."
+      + ("" if has_aux else " If fun also returns data, pass has_aux=True.")
+    )
+  for name, loss in zip(("main_loss", "aux_loss"), pair, strict=True):
+    shape = jnp.shape(loss)
+    if shape != ():
+      raise TypeError(
+        f"value_and_grads: expected {name} to be a scalar; got shape {shape}."
+        " Reduce it (e.g. with .mean()) inside fun."
+      )
+  return pair[0], pair[1]
+
+
+def value_and_grads(
+  fun: Callable[..., Any],
+  argnums: int | Sequence[int] = 0,
+  has_aux: bool = False,
+) -> Callable[..., tuple[Any, MainAux]]:
+  """Like ``jax.value_and_grad`` for a function of two losses.
+
+  ``fun`` returns ``(main_loss, aux_loss)`` (or ``((main_loss, aux_loss),
+  aux_data)`` with ``has_aux=True``). The returned function runs ``fun``
+  forward ONCE (``jax.vjp``) and pulls back twice, so a model with mutable
+  state (BatchNorm statistics, dropout keys) steps that state once per call.
+
+  Args:
+    fun: the function to differentiate.
+    argnums: which positional argument(s) to differentiate, as in
+      ``jax.grad``.
+    has_aux: whether ``fun`` returns ``(losses, aux_data)``.
+
+  Returns:
+    A function with the signature of ``fun`` returning ``(losses, grads)``:
+    ``losses`` is ``MainAux(main_loss, aux_loss)`` (or ``(MainAux(...),
+    aux_data)`` with ``has_aux``) and ``grads`` is ``MainAux(g_main, g_aux)``,
+    each shaped like the differentiated argument(s), ready for
+    :func:`bloop_optax.bloop`.
+
+  Examples:
+    >>> import jax.numpy as jnp
+    >>> import bloop_optax
+    >>> def losses(w):
+    ...   return jnp.sum((w - 1.0) ** 2), jnp.sum(w ** 2)
+    >>> (main, aux), grads = bloop_optax.value_and_grads(losses)(jnp.zeros(2))
+    >>> float(main), float(aux)
+    (2.0, 0.0)
+    >>> grads.main, grads.aux
+    (Array([-2., -2.], dtype=float32), Array([0., 0.], dtype=float32))
+
+  References:
+    Hsieh et al., "Careful with that Scalpel: Improving Gradient Surgery with
+    an EMA", ICML 2024 (arXiv:2402.02998).
+  """
+  single = isinstance(argnums, int)
+  nums = (argnums,) if single else tuple(argnums)
+
+  @functools.wraps(fun)
+  def wrapped(*args, **kwargs):
+    for n in nums:
+      if not -len(args) <= n < len(args):
+        raise TypeError(
+          f"value_and_grads: argnums={argnums!r} needs positional argument"
+          f" {n}; got {len(args)} positional argument(s)."
+        )
+    nums_pos = tuple(n % len(args) for n in nums)
+
+    def restricted(*diff_args):
+      full = list(args)
+      for n, value in zip(nums_pos, diff_args, strict=True):
+        full[n] = value
+      out = fun(*full, **kwargs)
+      pair, data = out if has_aux else (out, None)
+      main_loss, aux_loss = _loss_pair(pair, has_aux)
+      return (main_loss, aux_loss), data
+
+    diff = tuple(args[n] for n in nums_pos)
+    (main_loss, aux_loss), pullback, data = jax.vjp(restricted, *diff, has_aux=True)
+    one_main, zero_main = jnp.ones_like(main_loss), jnp.zeros_like(main_loss)
+    one_aux, zero_aux = jnp.ones_like(aux_loss), jnp.zeros_like(aux_loss)
+    g_main = pullback((one_main, zero_aux))
+    g_aux = pullback((zero_main, one_aux))
+    if single:
+      g_main, g_aux = g_main[0], g_aux[0]
+    losses = MainAux(main_loss, aux_loss)
+    value = (losses, data) if has_aux else losses
+    return value, MainAux(g_main, g_aux)
+
+  return wrapped

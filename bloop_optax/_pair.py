@@ -1,0 +1,88 @@
+"""The ``(main, aux)`` gradient pair and the checks that guard it."""
+
+from collections.abc import Mapping
+from typing import Any
+from typing import NamedTuple
+
+import jax
+
+PyTree = Any
+
+
+class MainAux(NamedTuple):
+  """A pair of pytrees for the main and the auxiliary objective.
+
+  Every transform of this package takes ``MainAux(main_grads, aux_grads)`` as
+  its ``updates``; :func:`bloop_optax.value_and_grads` returns one.
+
+  Attributes:
+    main: the main objective's pytree (gradients, or a loss).
+    aux: the auxiliary objective's pytree, shaped like ``main``.
+  """
+
+  main: PyTree
+  aux: PyTree
+
+
+def _describe(tree: PyTree) -> str:
+  text = str(jax.tree.structure(tree))
+  return text if len(text) <= 300 else text[:297] + "..."
+
+
+def split_pair(updates: Any, api: str) -> tuple[PyTree, PyTree]:
+  """Returns ``(main, aux)`` from any accepted pair form, or raises TypeError.
+
+  Accepted: :class:`MainAux`, any tuple or list of length 2, or a mapping whose
+  keys are exactly ``{0, 1}`` (the ``nnx.State`` that Flax NNX builds from a
+  tuple).
+  """
+  if isinstance(updates, (tuple, list)) and len(updates) == 2:
+    return updates[0], updates[1]
+  if isinstance(updates, Mapping) and set(updates.keys()) == {0, 1}:
+    return updates[0], updates[1]
+  raise TypeError(
+    f"{api}: expected updates=MainAux(main_grads, aux_grads) (or a 2-tuple,"
+    " or a mapping with keys 0 and 1 such as the nnx.State Flax NNX builds"
+    f" from a tuple); got {type(updates).__name__} with tree structure"
+    f" {_describe(updates)}. Pass both gradients, e.g. the MainAux returned"
+    " by bloop_optax.value_and_grads."
+  )
+
+
+def _first_mismatch(left: PyTree, right: PyTree) -> str | None:
+  """Describes the first key path where two trees differ, or returns None."""
+  left_leaves, left_def = jax.tree_util.tree_flatten_with_path(left)
+  right_leaves, right_def = jax.tree_util.tree_flatten_with_path(right)
+  left_paths = [path for path, _ in left_leaves]
+  right_paths = [path for path, _ in right_leaves]
+  if left_def != right_def:
+    for a, b in zip(left_paths, right_paths, strict=False):
+      if a != b:
+        return f"key path {jax.tree_util.keystr(a)} vs {jax.tree_util.keystr(b)}"
+    if len(left_paths) != len(right_paths):
+      return f"{len(left_paths)} leaves vs {len(right_paths)} leaves"
+    return f"tree structure {_describe(left)} vs {_describe(right)}"
+  for (path, a), (_, b) in zip(left_leaves, right_leaves, strict=True):
+    a_shape, b_shape = jax.numpy.shape(a), jax.numpy.shape(b)
+    if a_shape != b_shape:
+      where = jax.tree_util.keystr(path)
+      return f"at key path {where}: shape {a_shape} vs {b_shape}"
+  return None
+
+
+def check_same_layout(
+  left: PyTree,
+  right: PyTree,
+  api: str,
+  left_name: str,
+  right_name: str,
+  fix: str,
+) -> None:
+  """Raises ValueError unless ``left`` and ``right`` have one structure and shapes."""
+  mismatch = _first_mismatch(left, right)
+  if mismatch is not None:
+    raise ValueError(
+      f"{api}: expected {left_name} and {right_name} with the same tree"
+      f" structure and leaf shapes; they differ: {mismatch}"
+      f" ({left_name} first). {fix}"
+    )
