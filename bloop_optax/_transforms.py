@@ -133,14 +133,19 @@ def _check_against_params(main: PyTree, params: PyTree, api: str) -> None:
 # ---------------------------------------------------------------- tree maths
 
 
+def _wide(*dtypes: Any) -> jnp.dtype:
+  """The widest of ``dtypes`` and float32 (explicit, so strict promotion holds)."""
+  return max((jnp.dtype(d) for d in (jnp.float32, *dtypes)), key=lambda d: d.itemsize)
+
+
 def _acc_dtype(dtype: Any, accumulator_dtype: Any) -> jnp.dtype:
   if accumulator_dtype is not None:
     return jnp.dtype(accumulator_dtype)
-  return jnp.promote_types(dtype, jnp.float32)
+  return _wide(dtype)
 
 
 def _leaf_dot(x: jax.Array, y: jax.Array) -> jax.Array:
-  dtype = jnp.promote_types(jnp.promote_types(x.dtype, y.dtype), jnp.float32)
+  dtype = _wide(x.dtype, y.dtype)
   return jnp.sum(x.astype(dtype) * y.astype(dtype))
 
 
@@ -171,7 +176,7 @@ def _combine(main: PyTree, aux: PyTree, c_main: jax.Array, c_aux: jax.Array):
   """``c_main * M + c_aux * A`` leaf by leaf, in the dtype of ``M``."""
 
   def leaf(m, a):
-    dtype = jnp.promote_types(m.dtype, jnp.float32)
+    dtype = _wide(m.dtype)
     out = c_main.astype(dtype) * m.astype(dtype) + c_aux.astype(dtype) * a.astype(dtype)
     return out.astype(m.dtype)
 
@@ -301,9 +306,9 @@ def bloop(
     r = _ratio(pa, pp)
 
     def direction(m, a, p):
-      dtype = p.dtype
+      dtype = _wide(p.dtype)
       lam_, r_ = lam.astype(dtype), r.astype(dtype)
-      out = m.astype(dtype) + lam_ * (a.astype(dtype) - r_ * p)
+      out = m.astype(dtype) + lam_ * (a.astype(dtype) - r_ * p.astype(dtype))
       return out.astype(m.dtype)
 
     updates_out = jax.tree.map(direction, main, aux, proj)
