@@ -5,6 +5,8 @@ References:
   Improving Gradient Surgery with an EMA". ICML 2024. arXiv:2402.02998.
 """
 
+from bloop_optax._accumulate import MultiStepsState
+from bloop_optax._accumulate import multi_steps
 from bloop_optax._grads import value_and_grads
 from bloop_optax._pair import MainAux
 from bloop_optax._transforms import BloopState
@@ -22,10 +24,12 @@ __all__ = (
   "BloopState",
   "MainAux",
   "MixedState",
+  "MultiStepsState",
   "SurgeryState",
   "bloop",
   "dynamic_barrier",
   "mixed",
+  "multi_steps",
   "pcgrad",
   "tree_dot",
   "value_and_grads",

@@ -84,12 +84,17 @@ def value_and_grads(
           f" {n}; got {len(args)} positional argument(s)."
         )
     nums_pos = tuple(n % len(args) for n in nums)
+    # The other arguments are closed over. Rebuilding their pytrees inside the
+    # traced function gives pytree nodes that record the inner trace: Flax NNX
+    # Variables (BatchNorm statistics, RNG counts) can then be updated there.
+    leaves, treedef = jax.tree.flatten((args, kwargs))
 
     def restricted(*diff_args):
-      full = list(args)
+      full_args, full_kwargs = jax.tree.unflatten(treedef, leaves)
+      full_args = list(full_args)
       for n, value in zip(nums_pos, diff_args, strict=True):
-        full[n] = value
-      out = fun(*full, **kwargs)
+        full_args[n] = value
+      out = fun(*full_args, **full_kwargs)
       pair, data = out if has_aux else (out, None)
       main_loss, aux_loss = _loss_pair(pair, has_aux)
       return (main_loss, aux_loss), data

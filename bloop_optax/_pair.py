@@ -33,17 +33,22 @@ def split_pair(updates: Any, api: str) -> tuple[PyTree, PyTree]:
   """Returns ``(main, aux)`` from any accepted pair form, or raises TypeError.
 
   Accepted: :class:`MainAux`, any tuple or list of length 2, or a mapping whose
-  keys are exactly ``{0, 1}`` (the ``nnx.State`` that Flax NNX builds from a
-  tuple).
+  keys are exactly ``{0, 1}`` or ``{"main", "aux"}`` (the ``nnx.State`` that
+  ``nnx.Optimizer.update`` builds from a tuple or from a ``MainAux``).
   """
   if isinstance(updates, (tuple, list)) and len(updates) == 2:
     return updates[0], updates[1]
-  if isinstance(updates, Mapping) and set(updates.keys()) == {0, 1}:
-    return updates[0], updates[1]
+  if isinstance(updates, Mapping):
+    keys = set(updates.keys())
+    if keys == {0, 1}:
+      return updates[0], updates[1]
+    if keys == {"main", "aux"}:
+      return updates["main"], updates["aux"]
   raise TypeError(
     f"{api}: expected updates=MainAux(main_grads, aux_grads) (or a 2-tuple,"
-    " or a mapping with keys 0 and 1 such as the nnx.State Flax NNX builds"
-    f" from a tuple); got {type(updates).__name__} with tree structure"
+    " or a mapping with keys 0 and 1, or 'main' and 'aux', such as the"
+    " nnx.State that Flax NNX builds from a pair); got"
+    f" {type(updates).__name__} with tree structure"
     f" {_describe(updates)}. Pass both gradients, e.g. the MainAux returned"
     " by bloop_optax.value_and_grads."
   )

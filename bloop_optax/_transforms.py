@@ -105,7 +105,7 @@ def _weight_at(aux_weight: ScalarOrSchedule, steps: jax.Array) -> jax.Array:
   return aux_weight(steps) if callable(aux_weight) else aux_weight
 
 
-def _check_pair(updates: Any, api: str) -> tuple[PyTree, PyTree]:
+def check_pair(updates: Any, api: str) -> tuple[PyTree, PyTree]:
   main, aux = _pair.split_pair(updates, api)
   _pair.check_same_layout(
     main,
@@ -119,7 +119,7 @@ def _check_pair(updates: Any, api: str) -> tuple[PyTree, PyTree]:
   return main, aux
 
 
-def _check_against_params(main: PyTree, params: PyTree, api: str) -> None:
+def check_against_params(main: PyTree, params: PyTree, api: str) -> None:
   _pair.check_same_layout(
     main,
     params,
@@ -138,7 +138,7 @@ def _wide(*dtypes: Any) -> jnp.dtype:
   return max((jnp.dtype(d) for d in (jnp.float32, *dtypes)), key=lambda d: d.itemsize)
 
 
-def _acc_dtype(dtype: Any, accumulator_dtype: Any) -> jnp.dtype:
+def acc_dtype(dtype: Any, accumulator_dtype: Any) -> jnp.dtype:
   if accumulator_dtype is not None:
     return jnp.dtype(accumulator_dtype)
   return _wide(dtype)
@@ -271,7 +271,7 @@ def bloop(
       steps=jnp.zeros([], jnp.int32),
       skipped_steps=jnp.zeros([], jnp.int32),
       main_ema=jax.tree.map(
-        lambda p: jnp.zeros(jnp.shape(p), _acc_dtype(p.dtype, acc)), params
+        lambda p: jnp.zeros(jnp.shape(p), acc_dtype(p.dtype, acc)), params
       ),
       cos_main_aux=jnp.zeros([], jnp.float32),
       proj_coef=jnp.zeros([], jnp.float32),
@@ -281,8 +281,8 @@ def bloop(
     updates: Any, state: BloopState, params: PyTree | None = None, **extra
   ) -> tuple[PyTree, BloopState]:
     del params, extra
-    main, aux = _check_pair(updates, api)
-    _check_against_params(main, state.main_ema, api)
+    main, aux = check_pair(updates, api)
+    check_against_params(main, state.main_ema, api)
     lam = _scalar(_weight_at(aux_weight, state.steps))
     beta = _scalar(ema_decay)
 
@@ -368,9 +368,9 @@ def mixed(aux_weight: ScalarOrSchedule) -> optax.GradientTransformationExtraArgs
 
   def update_fn(updates, state, params=None, **extra):
     del extra
-    main, aux = _check_pair(updates, api)
+    main, aux = check_pair(updates, api)
     if params is not None:
-      _check_against_params(main, params, api)
+      check_against_params(main, params, api)
     lam = _scalar(_weight_at(aux_weight, state.steps))
     out = _combine(main, aux, jnp.ones_like(lam), lam)
     return out, MixedState(steps=optax.safe_increment(state.steps))
@@ -395,9 +395,9 @@ def _no_ema_surgery(
 
   def update_fn(updates, state, params=None, **extra):
     del extra
-    main, aux = _check_pair(updates, api)
+    main, aux = check_pair(updates, api)
     if params is not None:
-      _check_against_params(main, params, api)
+      check_against_params(main, params, api)
     lam = _scalar(_weight_at(aux_weight, state.steps))
     ma, mm, aa = tree_dot(main, aux), tree_dot(main, main), tree_dot(aux, aux)
     c_main, c_aux = coefficients(lam, ma, mm, aa)
