@@ -74,7 +74,7 @@ def multi_steps(
 
   def zeros_like_acc(params):
     return jax.tree.map(
-      lambda p: jnp.zeros(jnp.shape(p), _transforms.acc_dtype(p.dtype, None)), params
+      lambda p: jnp.zeros_like(p, dtype=_transforms.acc_dtype(p.dtype, None)), params
     )
 
   def init_fn(params: PyTree) -> MultiStepsState:

@@ -271,7 +271,7 @@ def bloop(
       steps=jnp.zeros([], jnp.int32),
       skipped_steps=jnp.zeros([], jnp.int32),
       main_ema=jax.tree.map(
-        lambda p: jnp.zeros(jnp.shape(p), acc_dtype(p.dtype, acc)), params
+        lambda p: jnp.zeros_like(p, dtype=acc_dtype(p.dtype, acc)), params
       ),
       cos_main_aux=jnp.zeros([], jnp.float32),
       proj_coef=jnp.zeros([], jnp.float32),

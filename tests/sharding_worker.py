@@ -1,0 +1,95 @@
+"""Runs bloop on 8 forced CPU devices and prints what the sharding test checks.
+
+Run as a subprocess by tests/test_sharding.py: the device count must be set
+before JAX starts, which a pytest process that already imported JAX cannot do.
+Prints one JSON object on stdout.
+"""
+
+import os
+
+os.environ["XLA_FLAGS"] = "--xla_force_host_platform_device_count=8"
+
+import json  # noqa: E402
+import re  # noqa: E402
+import sys  # noqa: E402
+
+import jax  # noqa: E402
+from jax.sharding import AxisType  # noqa: E402
+from jax.sharding import NamedSharding  # noqa: E402
+from jax.sharding import PartitionSpec as P  # noqa: E402
+import jax.numpy as jnp  # noqa: E402
+import numpy as np  # noqa: E402
+import optax  # noqa: E402
+
+import bloop_optax  # noqa: E402
+
+COLLECTIVE = re.compile(
+  r"=\s*(.+?)\s+(all-reduce|all-gather|reduce-scatter|all-to-all|"
+  r"collective-permute)(-start)?\("
+)
+
+
+def collectives(hlo_text):
+  """(op, result shape) of every cross-device collective in compiled HLO."""
+  return [(m.group(2), m.group(1)) for m in COLLECTIVE.finditer(hlo_text)]
+
+
+def main(axis_type_name):
+  axis_type = getattr(AxisType, axis_type_name)
+  mesh = jax.make_mesh((8,), ("data",), axis_types=(axis_type,))
+  specs = {"w": P("data", None), "v": P("data"), "b": P()}
+  shapes = {"w": (256, 12), "v": (8 * 37,), "b": (5,)}
+  rng = np.random.default_rng(0)
+
+  def tree(scale):
+    return {
+      k: jnp.asarray(scale * rng.standard_normal(s), jnp.float32)
+      for k, s in shapes.items()
+    }
+
+  params = tree(1.0)
+  steps = [(tree(1.0), tree(1.0)) for _ in range(5)]
+  tx = optax.chain(bloop_optax.bloop(0.7, 0.8), optax.adam(1e-2))
+
+  def run(params, steps, put):
+    update = jax.jit(tx.update)
+    p = put(params)
+    state = jax.jit(tx.init)(p)
+    for m, a in steps:
+      d, state = update(bloop_optax.MainAux(put(m), put(a)), state, p)
+      p = optax.apply_updates(p, d)
+    return p, state, d, update
+
+  single_dev = jax.devices()[0]
+  p1, s1, _, _ = run(params, steps, lambda t: jax.device_put(t, single_dev))
+
+  shard = {k: NamedSharding(mesh, s) for k, s in specs.items()}
+  put = lambda t: {k: jax.device_put(v, shard[k]) for k, v in t.items()}
+  with jax.set_mesh(mesh):
+    p8, s8, d8, update = run(params, steps, put)
+    m, a = steps[0]
+    hlo = (
+      update.lower(bloop_optax.MainAux(put(m), put(a)), s8, put(params))
+      .compile()
+      .as_text()
+    )
+
+  diff = lambda x, y: max(
+    float(np.max(np.abs(np.asarray(x[k]) - np.asarray(y[k])))) for k in shapes
+  )
+  same_sharding = lambda t: {
+    k: t[k].sharding.is_equivalent_to(shard[k], len(shapes[k])) for k in shapes
+  }
+  return {
+    "devices": jax.device_count(),
+    "params_max_diff": diff(p8, p1),
+    "ema_max_diff": diff(s8[0].main_ema, s1[0].main_ema),
+    "ema_keeps_sharding": same_sharding(s8[0].main_ema),
+    "direction_keeps_sharding": same_sharding(d8),
+    "w_is_split": len(s8[0].main_ema["w"].sharding.device_set) == 8,
+    "collectives": collectives(hlo),
+  }
+
+
+if __name__ == "__main__":
+  print(json.dumps(main(sys.argv[1])))

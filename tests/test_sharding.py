@@ -1,0 +1,45 @@
+"""Bloop over 8 forced CPU devices: same result, same sharding, scalar traffic."""
+
+import json
+import pathlib
+import re
+import subprocess
+import sys
+
+import pytest
+
+WORKER = pathlib.Path(__file__).with_name("sharding_worker.py")
+
+
+@pytest.fixture(scope="module", params=["Explicit", "Auto"])
+def report(request):
+  done = subprocess.run(
+    [sys.executable, str(WORKER), request.param],
+    capture_output=True,
+    text=True,
+    check=False,
+    timeout=600,
+  )
+  assert done.returncode == 0, done.stderr[-3000:]
+  return json.loads(done.stdout.strip().splitlines()[-1])
+
+
+def test_sharded_update_equals_single_device(report):
+  assert report["devices"] == 8
+  assert report["params_max_diff"] < 1e-5
+  assert report["ema_max_diff"] < 1e-6
+
+
+def test_ema_and_direction_keep_the_params_sharding(report):
+  assert all(report["ema_keeps_sharding"].values())
+  assert all(report["direction_keeps_sharding"].values())
+  assert report["w_is_split"]
+
+
+def test_compiled_update_communicates_only_scalars(report):
+  ops = report["collectives"]
+  assert ops, "the global inner product must all-reduce across devices"
+  for op, shape in ops:
+    assert op == "all-reduce", f"unexpected {op} of {shape}"
+    arrays = re.findall(r"\w+\[[^\]]*\]", shape)
+    assert arrays and all(a.endswith("[]") for a in arrays), shape
