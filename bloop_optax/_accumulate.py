@@ -68,9 +68,7 @@ def multi_steps(
   """
   api = "multi_steps"
   if not isinstance(every_k, int) or isinstance(every_k, bool) or every_k < 1:
-    raise ValueError(
-      f"{api}: expected every_k to be a Python int >= 1; got {every_k!r}."
-    )
+    raise ValueError(f"{api}: expected every_k to be a Python int >= 1; got {every_k!r}.")
 
   def zeros_like_acc(params):
     return jax.tree.map(
@@ -96,9 +94,7 @@ def multi_steps(
     mini_step = state.mini_step + 1
 
     def emit(_):
-      mean = jax.tree.map(
-        lambda s, g: (s / every_k).astype(g.dtype), acc, _pair.MainAux(main, aux)
-      )
+      mean = jax.tree.map(lambda s, g: (s / every_k).astype(g.dtype), acc, _pair.MainAux(main, aux))
       out, inner_state = inner.update(mean, state.inner_state, params, **extra)
       out = jax.tree.map(lambda u, g: u.astype(g.dtype), out, main)
       return out, MultiStepsState(

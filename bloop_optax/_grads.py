@@ -14,9 +14,7 @@ from bloop_optax._pair import MainAux
 def _loss_pair(out: Any, has_aux: bool) -> tuple[jax.Array, jax.Array]:
   pair = out
   if not (isinstance(pair, (tuple, list)) and len(pair) == 2):
-    expected = (
-      "((main_loss, aux_loss), aux_data)" if has_aux else "(main_loss, aux_loss)"
-    )
+    expected = "((main_loss, aux_loss), aux_data)" if has_aux else "(main_loss, aux_loss)"
     raise TypeError(
       f"value_and_grads: expected fun to return {expected} with scalar"
       f" losses; got {type(pair).__name__}: {jax.tree.structure(pair)}."

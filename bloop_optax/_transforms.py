@@ -77,9 +77,7 @@ class MixedState(NamedTuple):
 def _check_aux_weight(aux_weight: ScalarOrSchedule, api: str) -> None:
   if callable(aux_weight):
     return
-  if isinstance(aux_weight, numbers.Real) and not (
-    math.isfinite(aux_weight) and aux_weight >= 0
-  ):
+  if isinstance(aux_weight, numbers.Real) and not (math.isfinite(aux_weight) and aux_weight >= 0):
     raise ValueError(
       f"{api}: expected aux_weight to be a finite number >= 0 (or an array,"
       f" or a schedule); got {aux_weight!r}."
@@ -270,9 +268,7 @@ def bloop(
     return BloopState(
       steps=jnp.zeros([], jnp.int32),
       skipped_steps=jnp.zeros([], jnp.int32),
-      main_ema=jax.tree.map(
-        lambda p: jnp.zeros_like(p, dtype=acc_dtype(p.dtype, acc)), params
-      ),
+      main_ema=jax.tree.map(lambda p: jnp.zeros_like(p, dtype=acc_dtype(p.dtype, acc)), params),
       cos_main_aux=jnp.zeros([], jnp.float32),
       proj_coef=jnp.zeros([], jnp.float32),
     )
@@ -313,9 +309,7 @@ def bloop(
 
     updates_out = jax.tree.map(direction, main, aux, proj)
     new_ema = proj if update_first else jax.tree.map(average, proj, main)
-    new_ema = jax.tree.map(
-      lambda new, old: jnp.where(finite, new, old), new_ema, state.main_ema
-    )
+    new_ema = jax.tree.map(lambda new, old: jnp.where(finite, new, old), new_ema, state.main_ema)
     new_state = BloopState(
       steps=optax.safe_increment(state.steps),
       skipped_steps=jnp.where(
@@ -389,9 +383,7 @@ def _no_ema_surgery(
   def init_fn(params: PyTree) -> SurgeryState:
     del params
     zero = jnp.zeros([], jnp.float32)
-    return SurgeryState(
-      steps=jnp.zeros([], jnp.int32), cos_main_aux=zero, proj_coef=zero
-    )
+    return SurgeryState(steps=jnp.zeros([], jnp.int32), cos_main_aux=zero, proj_coef=zero)
 
   def update_fn(updates, state, params=None, **extra):
     del extra

@@ -42,10 +42,7 @@ def main(axis_type_name):
   rng = np.random.default_rng(0)
 
   def tree(scale):
-    return {
-      k: jnp.asarray(scale * rng.standard_normal(s), jnp.float32)
-      for k, s in shapes.items()
-    }
+    return {k: jnp.asarray(scale * rng.standard_normal(s), jnp.float32) for k, s in shapes.items()}
 
   params = tree(1.0)
   steps = [(tree(1.0), tree(1.0)) for _ in range(5)]
@@ -68,11 +65,7 @@ def main(axis_type_name):
   with jax.set_mesh(mesh):
     p8, s8, d8, update = run(params, steps, put)
     m, a = steps[0]
-    hlo = (
-      update.lower(bloop_optax.MainAux(put(m), put(a)), s8, put(params))
-      .compile()
-      .as_text()
-    )
+    hlo = update.lower(bloop_optax.MainAux(put(m), put(a)), s8, put(params)).compile().as_text()
 
   diff = lambda x, y: max(
     float(np.max(np.abs(np.asarray(x[k]) - np.asarray(y[k])))) for k in shapes

@@ -15,9 +15,7 @@ pytestmark = pytest.mark.optax_optimizer
 def regression_data(seed=0, n=64, d=5):
   rng = np.random.default_rng(seed)
   x = jnp.asarray(rng.standard_normal((n, d)), jnp.float32)
-  y = jnp.asarray(
-    x @ rng.standard_normal(d) + 0.1 * rng.standard_normal(n), jnp.float32
-  )
+  y = jnp.asarray(x @ rng.standard_normal(d) + 0.1 * rng.standard_normal(n), jnp.float32)
   return x, y
 
 
@@ -65,9 +63,9 @@ def test_value_and_grads_argnums_and_has_aux():
     main, aux = losses(p, x, y)
     return (main, aux), {"n": x.shape[0]}
 
-  ((main, aux), data), grads = bloop_optax.value_and_grads(
-    fun, argnums=(0, 1), has_aux=True
-  )(params, x, y)
+  ((main, aux), data), grads = bloop_optax.value_and_grads(fun, argnums=(0, 1), has_aux=True)(
+    params, x, y
+  )
   assert data == {"n": 64}
   g_main = jax.grad(lambda p, x: losses(p, x, y)[0], argnums=(0, 1))(params, x)
   g_aux = jax.grad(lambda p, x: losses(p, x, y)[1], argnums=(0, 1))(params, x)
@@ -94,9 +92,7 @@ def test_value_and_grads_bad_returns():
     TypeError, match=r"expected fun to return \(main_loss, aux_loss\).*has_aux=True"
   ):
     bloop_optax.value_and_grads(lambda w: jnp.sum(w))(jnp.ones(2))
-  with pytest.raises(
-    TypeError, match=r"expected aux_loss to be a scalar; got shape \(2,\)"
-  ):
+  with pytest.raises(TypeError, match=r"expected aux_loss to be a scalar; got shape \(2,\)"):
     bloop_optax.value_and_grads(lambda w: (jnp.sum(w), w))(jnp.ones(2))
   with pytest.raises(TypeError, match=r"argnums=3 needs positional argument 3; got 1"):
     bloop_optax.value_and_grads(lambda w: (w, w), argnums=3)(1.0)
@@ -133,9 +129,7 @@ def test_nnx_step_runs_batchnorm_and_dropout_once():
       aux = 0.5 * sum(jnp.sum(p**2) for p in jax.tree.leaves(params))
       return (main, aux), nnx.state(net, nnx.Not(nnx.Param))
 
-    ((main, _), rest), grads = bloop_optax.value_and_grads(fun, has_aux=True)(
-      params, rest
-    )
+    ((main, _), rest), grads = bloop_optax.value_and_grads(fun, has_aux=True)(params, rest)
     nnx.update(model, rest)
     optimizer.update(model, grads)
     return main
@@ -196,9 +190,7 @@ def test_linen_train_state_apply_gradients_with_the_pair():
     return state.apply_gradients(grads=grads), main
 
   # One step equals the transform applied by hand to two jax.grad results.
-  grads = MainAux(
-    jax.grad(lambda p: fun(p)[0])(params), jax.grad(lambda p: fun(p)[1])(params)
-  )
+  grads = MainAux(jax.grad(lambda p: fun(p)[0])(params), jax.grad(lambda p: fun(p)[1])(params))
   updates, _ = tx.update(grads, tx.init(params), params)
   state1, first = train_step(state)
   assert_trees_close(state1.params, optax.apply_updates(params, updates))
@@ -242,18 +234,14 @@ def test_multi_steps_equals_the_full_batch_step():
 def test_optax_multisteps_around_the_pair_fails_loudly():
   """The wrong pattern raises instead of training on part of the data."""
   params = init_params()
-  wrong = optax.MultiSteps(
-    optax.chain(bloop_optax.bloop(), optax.sgd(0.1)), every_k_schedule=2
-  )
+  wrong = optax.MultiSteps(optax.chain(bloop_optax.bloop(), optax.sgd(0.1)), every_k_schedule=2)
   state = wrong.init(params)
   with pytest.raises(ValueError, match="MainAux"):
     wrong.update(MainAux(params, params), state, params)
 
 
 def test_multi_steps_bad_input():
-  with pytest.raises(
-    ValueError, match=r"expected every_k to be a Python int >= 1; got 0"
-  ):
+  with pytest.raises(ValueError, match=r"expected every_k to be a Python int >= 1; got 0"):
     bloop_optax.multi_steps(optax.sgd(1.0), 0)
   tx = bloop_optax.multi_steps(optax.chain(bloop_optax.bloop(), optax.sgd(1.0)), 2)
   params = init_params()

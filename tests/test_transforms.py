@@ -38,9 +38,7 @@ def random_tree(rng, dtype=jnp.float32, scale=1.0):
 
 
 def flat(tree):
-  return np.concatenate(
-    [np.ravel(np.asarray(x, np.float64)) for x in jax.tree.leaves(tree)]
-  )
+  return np.concatenate([np.ravel(np.asarray(x, np.float64)) for x in jax.tree.leaves(tree)])
 
 
 def unflat(vector, like):
@@ -96,15 +94,11 @@ def steps_of(stacked):
 
 
 def zeros_params(dtype=jnp.float32):
-  return jax.tree.map(
-    lambda x: jnp.zeros_like(x, dtype), random_tree(np.random.default_rng(0))
-  )
+  return jax.tree.map(lambda x: jnp.zeros_like(x, dtype), random_tree(np.random.default_rng(0)))
 
 
 def assert_close(actual, desired, rtol=2e-5, atol=2e-5):
-  np.testing.assert_allclose(
-    np.asarray(actual, np.float64), desired, rtol=rtol, atol=atol
-  )
+  np.testing.assert_allclose(np.asarray(actual, np.float64), desired, rtol=rtol, atol=atol)
 
 
 # ---------------------------------------------------------------- differential
@@ -120,9 +114,7 @@ def test_bloop_matches_numpy_reference(order, beta, lam):
   )
   ms, as_ = steps_of(mains), steps_of(auxs)
   ref_d, ref_e, ref_r = reference.bloop(ms, as_, lam, beta, order)
-  for t, (d, e) in enumerate(
-    zip(steps_of(directions), steps_of(states.main_ema), strict=True)
-  ):
+  for t, (d, e) in enumerate(zip(steps_of(directions), steps_of(states.main_ema), strict=True)):
     assert_close(d, ref_d[t], rtol=1e-4, atol=1e-4)
     assert_close(e, ref_e[t], rtol=1e-4, atol=1e-5)
   assert_close(states.proj_coef, ref_r, rtol=1e-4, atol=1e-5)
@@ -143,9 +135,7 @@ def test_bloop_matches_numpy_reference(order, beta, lam):
 def test_baselines_match_numpy_reference(factory, formula, lam):
   mains, auxs = gradient_sequence(seed=2)
   directions, _ = run(factory(lam), mains, auxs, zeros_params())
-  for d, m, a in zip(
-    steps_of(directions), steps_of(mains), steps_of(auxs), strict=True
-  ):
+  for d, m, a in zip(steps_of(directions), steps_of(mains), steps_of(auxs), strict=True):
     assert_close(d, formula(m, a, lam), rtol=1e-4, atol=1e-4)
 
 
@@ -197,9 +187,7 @@ def test_zero_decay_is_projection_on_the_batch_gradient():
   mains, auxs = gradient_sequence(seed=5)
   lam = 0.7
   directions, _ = run(bloop_optax.bloop(lam, 0.0), mains, auxs, zeros_params())
-  for d, m, a in zip(
-    steps_of(directions), steps_of(mains), steps_of(auxs), strict=True
-  ):
+  for d, m, a in zip(steps_of(directions), steps_of(mains), steps_of(auxs), strict=True):
     assert_close(d, m + lam * reference.project_out(a, m), rtol=1e-4, atol=1e-4)
 
 
@@ -288,9 +276,7 @@ def test_chain_with_adam_equals_adam_on_reference_direction():
   mains, auxs = gradient_sequence(seed=8)
   params = zeros_params()
   lam, beta = 0.8, 0.9
-  updates, _ = run(
-    optax.chain(bloop_optax.bloop(lam, beta), optax.adam(1e-2)), mains, auxs, params
-  )
+  updates, _ = run(optax.chain(bloop_optax.bloop(lam, beta), optax.adam(1e-2)), mains, auxs, params)
   ref_d, _, _ = reference.bloop(steps_of(mains), steps_of(auxs), lam, beta)
   ref_tree = jax.tree.map(
     lambda *xs: jnp.stack(xs), *[unflat(np.float32(d), params) for d in ref_d]
@@ -314,13 +300,9 @@ def test_aux_weight_schedules():
   ref_d, _, _ = reference.bloop(steps_of(mains), steps_of(auxs), None, 0.9, lams=lams)
   params = zeros_params()
   via_factory, _ = run(bloop_optax.bloop(schedule, 0.9), mains, auxs, params)
-  injected = optax.inject_hyperparams(bloop_optax.bloop)(
-    aux_weight=schedule, ema_decay=0.9
-  )
+  injected = optax.inject_hyperparams(bloop_optax.bloop)(aux_weight=schedule, ema_decay=0.9)
   via_inject, states = run(injected, mains, auxs, params)
-  for a, b, want in zip(
-    steps_of(via_factory), steps_of(via_inject), ref_d, strict=True
-  ):
+  for a, b, want in zip(steps_of(via_factory), steps_of(via_inject), ref_d, strict=True):
     assert_close(a, want, rtol=1e-4, atol=1e-4)
     assert_close(b, want, rtol=1e-4, atol=1e-4)
   assert_close(states.hyperparams["aux_weight"], lams, rtol=1e-6, atol=1e-6)
@@ -333,9 +315,7 @@ def test_baselines_accept_schedules_and_inject_hyperparams(factory):
   mains, auxs = gradient_sequence(seed=10, steps=5)
   schedule = lambda count: 0.5 * count.astype(jnp.float32)
   d1, _ = run(factory(schedule), mains, auxs, zeros_params())
-  d2, _ = run(
-    optax.inject_hyperparams(factory)(aux_weight=schedule), mains, auxs, zeros_params()
-  )
+  d2, _ = run(optax.inject_hyperparams(factory)(aux_weight=schedule), mains, auxs, zeros_params())
   ms, as_ = steps_of(mains), steps_of(auxs)
   formula = {
     bloop_optax.mixed: reference.mixed,
@@ -361,9 +341,7 @@ def test_accepted_pair_forms(form):
   tx = bloop_optax.bloop(0.5, 0.0)
   d, _ = jax.jit(tx.update)(pair, tx.init(m))
   assert jax.tree.structure(d) == jax.tree.structure(m)
-  assert_close(
-    flat(d), flat(m) + 0.5 * reference.project_out(flat(a), flat(m)), 1e-5, 1e-5
-  )
+  assert_close(flat(d), flat(m) + 0.5 * reference.project_out(flat(a), flat(m)), 1e-5, 1e-5)
 
 
 # ---------------------------------------------------------------- dtypes
@@ -401,9 +379,7 @@ def test_accumulator_dtype_option():
     bloop_optax.bloop(0.5, accumulator_dtype=jnp.bfloat16), mains, auxs, zeros_params()
   )
   assert all(x.dtype == jnp.bfloat16 for x in jax.tree.leaves(states.main_ema))
-  assert (
-    states.cos_main_aux.dtype == jnp.float32 and states.proj_coef.dtype == jnp.float32
-  )
+  assert states.cos_main_aux.dtype == jnp.float32 and states.proj_coef.dtype == jnp.float32
 
 
 def test_float64_params_keep_a_float64_ema():
@@ -455,14 +431,10 @@ def test_non_pair_updates_raise():
   with pytest.raises(TypeError, match=r"got tuple"):
     tx.update((m, m, m), tx.init(m))
   with pytest.raises(TypeError, match=r"mapping with keys 0 and 1"):
-    bloop_optax.pcgrad(1.0).update(
-      {"main": m, "aux": m}, bloop_optax.pcgrad(1.0).init(m)
-    )
+    bloop_optax.pcgrad(1.0).update({"main": m, "aux": m}, bloop_optax.pcgrad(1.0).init(m))
 
 
-@pytest.mark.parametrize(
-  "factory", [bloop_optax.bloop, bloop_optax.mixed, bloop_optax.pcgrad]
-)
+@pytest.mark.parametrize("factory", [bloop_optax.bloop, bloop_optax.mixed, bloop_optax.pcgrad])
 def test_mismatched_halves_raise_with_key_path(factory):
   m = {"a": jnp.ones(3), "b": jnp.ones((2, 2))}
   tx = factory(0.1)

@@ -1,0 +1,145 @@
+"""Trains one method over a grid of aux weights and seeds in one compiled program.
+
+A :class:`Task` is a pure-functional description of a problem: how to build
+params, the pair of losses on a batch, how to evaluate, the data and the base
+optimizer. :func:`run_method` vmaps the whole training run over the flattened
+(aux_weight, seed) grid and scans over the steps of each epoch, so every method
+costs one compilation whatever the size of the grid.
+"""
+
+from collections.abc import Callable
+import dataclasses
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+from tqdm.auto import tqdm
+
+import bloop_optax
+
+PyTree = Any
+# A method maps a (traced) aux weight to a pair-consuming transformation.
+Method = Callable[[jax.Array], optax.GradientTransformation]
+
+
+@dataclasses.dataclass(frozen=True)
+class Task:
+  """A main/aux training problem.
+
+  Attributes:
+    name: short name, used for files.
+    init: ``key -> (params, model_state)``; model_state holds non-trained
+      state (e.g. power-iteration vectors), ``()`` if none.
+    loss: ``(params, model_state, batch) -> ((main, aux), model_state)``.
+    evaluate: ``(params, model_state) -> dict`` of scalar metrics; must hold
+      ``main_train``, ``main_test`` and ``aux`` (and may hold ``aux_test``).
+    train_data: tuple of arrays with a leading example axis.
+    batch_size: examples per step.
+    epochs: passes over the training data.
+    optimizer: ``aux_weight -> optax transformation`` applied after the surgery.
+    aux_weights: the grid of aux weights.
+    methods: name -> :data:`Method`.
+    reshuffle: draw a new batch order every epoch (else one fixed order).
+    scales: ("log" or "linear") for the (main, aux) axes of plots and
+      hypervolumes.
+    labels: axis labels (main, aux).
+  """
+
+  name: str
+  init: Callable[[jax.Array], tuple[PyTree, PyTree]]
+  loss: Callable[..., Any]
+  evaluate: Callable[[PyTree, PyTree], dict[str, jax.Array]]
+  train_data: tuple[jax.Array, ...]
+  batch_size: int
+  epochs: int
+  optimizer: Callable[[jax.Array], optax.GradientTransformation]
+  aux_weights: tuple[float, ...]
+  methods: dict[str, Method]
+  reshuffle: bool = True
+  scales: tuple[str, str] = ("log", "linear")
+  labels: tuple[str, str] = ("main loss", "aux loss")
+
+  @property
+  def steps_per_epoch(self) -> int:
+    return len(self.train_data[0]) // self.batch_size
+
+
+def run_method(
+  task: Task,
+  method: Method,
+  seeds: int,
+  *,
+  chunk: int | None = None,
+  progress: tqdm | None = None,
+) -> dict[str, np.ndarray]:
+  """Trains ``method`` for every (aux_weight, seed); returns per-epoch metrics.
+
+  Returns:
+    metric name -> array of shape ``[len(aux_weights), seeds, epochs + 1]``
+    (index 0 of the last axis is before training).
+  """
+  lams = jnp.repeat(jnp.asarray(task.aux_weights, jnp.float32), seeds)
+  keys = jax.random.split(jax.random.key(0), seeds)
+  keys = jnp.tile(keys, (len(task.aux_weights),))
+  n = task.steps_per_epoch * task.batch_size
+  grad_fn = bloop_optax.value_and_grads(task.loss, has_aux=True)
+
+  def chain(lam):
+    return optax.chain(method(lam), task.optimizer(lam))
+
+  def start(lam, key):
+    params, model_state = task.init(jax.random.fold_in(key, 0))
+    return params, model_state, chain(lam).init(params)
+
+  def epochs(carry, lam, key, first_epoch, count):
+    tx = chain(lam)
+
+    def step(carry, batch):
+      params, model_state, opt_state = carry
+      (_, model_state), grads = grad_fn(params, model_state, batch)
+      updates, opt_state = tx.update(grads, opt_state, params)
+      return (optax.apply_updates(params, updates), model_state, opt_state), None
+
+    def epoch(carry, index):
+      epoch_key = jax.random.fold_in(key, 1 + index * task.reshuffle)
+      order = jax.random.permutation(epoch_key, len(task.train_data[0]))[:n]
+      batches = jax.tree.map(
+        lambda x: x[order].reshape(task.steps_per_epoch, task.batch_size, *x.shape[1:]),
+        task.train_data,
+      )
+      carry, _ = jax.lax.scan(step, carry, batches)
+      return carry, task.evaluate(carry[0], carry[1])
+
+    return jax.lax.scan(epoch, carry, first_epoch + jnp.arange(count))
+
+  carry = jax.jit(jax.vmap(start))(lams, keys)
+  first = jax.jit(jax.vmap(lambda c: task.evaluate(c[0], c[1])))(carry)
+  history = [jax.tree.map(lambda x: x[:, None], first)]
+  run_chunk = jax.jit(jax.vmap(epochs, in_axes=(0, 0, 0, None, None)), static_argnums=(4,))
+  if chunk is None:  # epochs per compiled call: the progress bar's granularity
+    chunk = 1 if task.epochs <= 10 else 10
+  done = 0
+  while done < task.epochs:
+    count = min(chunk, task.epochs - done)
+    carry, metrics = run_chunk(carry, lams, keys, done, count)
+    # Dispatch is asynchronous: wait, so the progress bar shows finished work.
+    history.append(jax.block_until_ready(metrics))
+    done += count
+    if progress is not None:
+      progress.update(count)
+  out = {k: np.concatenate([np.asarray(h[k]) for h in history], axis=1) for k in first}
+  shape = (len(task.aux_weights), seeds, task.epochs + 1)
+  return {k: v.reshape(shape) for k, v in out.items()}
+
+
+def run_task(task: Task, seeds: int, methods: list[str] | None = None) -> dict[str, Any]:
+  """Runs every method of ``task``; returns ``{method: metrics}``."""
+  names = list(task.methods) if methods is None else methods
+  results = {}
+  with tqdm(total=len(names) * task.epochs, desc=task.name, unit="epoch") as bar:
+    for name in names:
+      bar.set_postfix_str(name)
+      results[name] = run_method(task, task.methods[name], seeds, progress=bar)
+  return results
