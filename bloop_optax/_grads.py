@@ -39,8 +39,10 @@ def value_and_grads(
 
   ``fun`` returns ``(main_loss, aux_loss)`` (or ``((main_loss, aux_loss),
   aux_data)`` with ``has_aux=True``). The returned function runs ``fun``
-  forward ONCE (``jax.vjp``) and pulls back twice, so a model with mutable
-  state (BatchNorm statistics, dropout keys) steps that state once per call.
+  forward ONCE (``jax.linearize``) and pulls back twice, once per loss
+  (``jax.linear_transpose`` of that loss's output), so a model with mutable
+  state (BatchNorm statistics, dropout keys) steps that state once per call,
+  and each backward pass covers only its own loss's graph.
 
   Args:
     fun: the function to differentiate.
@@ -98,11 +100,14 @@ def value_and_grads(
       return (main_loss, aux_loss), data
 
     diff = tuple(args[n] for n in nums_pos)
-    (main_loss, aux_loss), pullback, data = jax.vjp(restricted, *diff, has_aux=True)
-    one_main, zero_main = jnp.ones_like(main_loss), jnp.zeros_like(main_loss)
-    one_aux, zero_aux = jnp.ones_like(aux_loss), jnp.zeros_like(aux_loss)
-    g_main = pullback((one_main, zero_aux))
-    g_aux = pullback((zero_main, one_aux))
+    (main_loss, aux_loss), tangent_fn, data = jax.linearize(restricted, *diff, has_aux=True)
+    # Transposing each output's projection of the linearization, instead of
+    # pulling (1, 0) and (0, 1) back through the joint vjp, lets JAX treat the
+    # other loss's cotangent as a symbolic zero: each backward pass covers only
+    # its own loss's graph (a regulariser's gradient no longer costs a second
+    # backward pass through the network).
+    g_main = jax.linear_transpose(lambda *t: tangent_fn(*t)[0], *diff)(jnp.ones_like(main_loss))
+    g_aux = jax.linear_transpose(lambda *t: tangent_fn(*t)[1], *diff)(jnp.ones_like(aux_loss))
     if single:
       g_main, g_aux = g_main[0], g_aux[0]
     losses = MainAux(main_loss, aux_loss)

@@ -87,6 +87,23 @@ def test_fun_runs_forward_once():
   assert len(calls) == 2  # one trace under jit
 
 
+def test_each_backward_pass_covers_only_its_own_loss():
+  """A regulariser's gradient costs no second backward pass through the net.
+
+  Counted, not timed: the matrix products of value_and_grads equal those of
+  jax.value_and_grad on the main loss alone (the L2 aux adds none). Pulling
+  (0, 1) back through the joint vjp instead would add a full backward pass.
+  """
+  params, (x, y) = init_params(), regression_data()
+
+  def dots(fn):
+    return str(jax.make_jaxpr(fn)(params)).count("dot_general")
+
+  helper = dots(lambda p: bloop_optax.value_and_grads(losses)(p, x, y))
+  main_only = dots(lambda p: jax.value_and_grad(lambda p: losses(p, x, y)[0])(p))
+  assert helper == main_only > 0
+
+
 def test_value_and_grads_bad_returns():
   with pytest.raises(
     TypeError, match=r"expected fun to return \(main_loss, aux_loss\).*has_aux=True"
