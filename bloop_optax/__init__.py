@@ -17,6 +17,7 @@ from bloop_optax._transforms import dynamic_barrier
 from bloop_optax._transforms import mixed
 from bloop_optax._transforms import pcgrad
 from bloop_optax._transforms import tree_dot
+from bloop_optax._transforms import tree_dots
 
 __version__ = "0.1.0"
 
@@ -32,5 +33,6 @@ __all__ = (
   "multi_steps",
   "pcgrad",
   "tree_dot",
+  "tree_dots",
   "value_and_grads",
 )

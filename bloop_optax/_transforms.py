@@ -147,23 +147,49 @@ def _leaf_dot(x: jax.Array, y: jax.Array) -> jax.Array:
   return jnp.sum(x.astype(dtype) * y.astype(dtype))
 
 
-def tree_dot(x: PyTree, y: PyTree) -> jax.Array:
-  """Global inner product ``<x, y>``: per-leaf sums, accumulated in >= float32.
-
-  Real-valued leaves only. Leaves are never concatenated, so a sharded tree
-  reduces locally and only scalars cross devices.
-  """
+def _global(x: PyTree, y: PyTree) -> jax.Array:
   dots = jax.tree.leaves(jax.tree.map(_leaf_dot, x, y))
-  if not dots:
-    return jnp.zeros((), jnp.float32)
-  dtype = jnp.result_type(*dots)
-  return sum(d.astype(dtype) for d in dots)
+  dtype = _wide(*(d.dtype for d in dots))
+  return sum((d.astype(dtype) for d in dots), jnp.zeros((), dtype))
+
+
+def tree_dots(*pairs: tuple[PyTree, PyTree]) -> jax.Array:
+  """Global inner products ``[<x, y> for (x, y) in pairs]`` as one vector.
+
+  Each is one sum over every leaf of a multiply-and-reduce, accumulated in at
+  least float32 (XLA fuses the casts and products into the reductions, and
+  sibling reductions over the same operands where the backend can). Leaves are
+  never concatenated, so a sharded tree reduces locally and only scalars cross
+  devices.
+  """
+  values = [_global(x, y) for x, y in pairs]
+  dtype = _wide(*(v.dtype for v in values))
+  return jnp.stack([v.astype(dtype) for v in values])
+
+
+def tree_dot(x: PyTree, y: PyTree) -> jax.Array:
+  """The global inner product ``<x, y>`` of two pytrees (real leaves).
+
+  One sum over every leaf, accumulated in at least float32.
+
+  Examples:
+    >>> import jax.numpy as jnp
+    >>> import bloop_optax
+    >>> bloop_optax.tree_dot({"a": jnp.ones(2), "b": jnp.ones(())},
+    ...                      {"a": jnp.array([1.0, 2.0]), "b": jnp.array(3.0)})
+    Array(6., dtype=float32)
+  """
+  return tree_dots((x, y))[0]
 
 
 def _ratio(num: jax.Array, den: jax.Array) -> jax.Array:
-  """``num / den``, taken as 0 where ``den == 0`` (SPEC's zero-norm rule)."""
-  nonzero = den != 0
-  return jnp.where(nonzero, num / jnp.where(nonzero, den, 1), 0)
+  """``num / den`` for a squared norm ``den``, taken as 0 where ``den <= 0``.
+
+  SPEC's zero-norm rule; ``< 0`` only arises from rounding in an expanded
+  ``<P, P>`` whose true value is 0.
+  """
+  positive = den > 0
+  return jnp.where(positive, num / jnp.where(positive, den, 1), 0)
 
 
 def _cosine(ma: jax.Array, mm: jax.Array, aa: jax.Array) -> jax.Array:
@@ -286,19 +312,25 @@ def bloop(
       b = beta.astype(e.dtype)
       return b * e + (1 - b) * m.astype(e.dtype)
 
-    if update_first:
-      proj = jax.tree.map(average, state.main_ema, main)
-    else:
-      has_ema = state.steps > state.skipped_steps
-      proj = jax.tree.map(
-        lambda e, m: jnp.where(has_ema, e, m.astype(e.dtype)),
-        state.main_ema,
-        main,
-      )
-    # One pass of reductions; XLA fuses sibling reductions over the same inputs.
-    pa, pp = tree_dot(proj, aux), tree_dot(proj, proj)
-    ma, mm, aa = tree_dot(main, aux), tree_dot(main, main), tree_dot(aux, aux)
+    ema = state.main_ema
+    ma, mm, aa = tree_dots((main, aux), (main, main), (aux, aux))
+    # A NaN or Inf in M or A makes <M, M> or <A, A> non-finite (so does an
+    # overflow of these float32 sums): such a step never enters the EMA.
     finite = jnp.isfinite(mm) & jnp.isfinite(aa)
+    keep_if_finite = lambda new, old: jnp.where(finite, new, old)
+    if update_first:
+      # E' first, written over E; then the projection on E'. Nothing reads the
+      # old E afterwards, so XLA updates the EMA in place with no copy. (On a
+      # skipped step P is the old E; D is non-finite then anyway.)
+      new_ema = jax.tree.map(lambda e, m: keep_if_finite(average(e, m), e), ema, main)
+      proj = new_ema
+      pa, pp = tree_dots((proj, aux), (proj, proj))
+    else:  # P = E, or M before the first average exists.
+      has_ema = state.steps > state.skipped_steps
+      ea, ee = tree_dots((ema, aux), (ema, ema))
+      pa, pp = jnp.where(has_ema, ea, ma), jnp.where(has_ema, ee, mm)
+      proj = jax.tree.map(lambda e, m: jnp.where(has_ema, e, m.astype(e.dtype)), ema, main)
+      new_ema = jax.tree.map(lambda p, m, e: keep_if_finite(average(p, m), e), proj, main, ema)
     r = _ratio(pa, pp)
 
     def direction(m, a, p):
@@ -308,8 +340,6 @@ def bloop(
       return out.astype(m.dtype)
 
     updates_out = jax.tree.map(direction, main, aux, proj)
-    new_ema = proj if update_first else jax.tree.map(average, proj, main)
-    new_ema = jax.tree.map(lambda new, old: jnp.where(finite, new, old), new_ema, state.main_ema)
     new_state = BloopState(
       steps=optax.safe_increment(state.steps),
       skipped_steps=jnp.where(
@@ -391,7 +421,7 @@ def _no_ema_surgery(
     if params is not None:
       check_against_params(main, params, api)
     lam = _scalar(_weight_at(aux_weight, state.steps))
-    ma, mm, aa = tree_dot(main, aux), tree_dot(main, main), tree_dot(aux, aux)
+    ma, mm, aa = tree_dots((main, aux), (main, main), (aux, aux))
     c_main, c_aux = coefficients(lam, ma, mm, aa)
     out = _combine(main, aux, c_main, c_aux)
     new_state = SurgeryState(

@@ -328,7 +328,7 @@ def test_baselines_accept_schedules_and_inject_hyperparams(factory):
     assert_close(b, want, rtol=1e-4, atol=1e-4)
 
 
-@pytest.mark.parametrize("form", ["MainAux", "tuple", "list", "mapping"])
+@pytest.mark.parametrize("form", ["MainAux", "tuple", "list", "mapping", "named mapping"])
 def test_accepted_pair_forms(form):
   rng = np.random.default_rng(11)
   m, a = random_tree(rng), random_tree(rng)
@@ -337,6 +337,7 @@ def test_accepted_pair_forms(form):
     "tuple": (m, a),
     "list": [m, a],
     "mapping": {0: m, 1: a},
+    "named mapping": {"main": m, "aux": a},
   }[form]
   tx = bloop_optax.bloop(0.5, 0.0)
   d, _ = jax.jit(tx.update)(pair, tx.init(m))
@@ -430,8 +431,8 @@ def test_non_pair_updates_raise():
     tx.update(m, tx.init(m))
   with pytest.raises(TypeError, match=r"got tuple"):
     tx.update((m, m, m), tx.init(m))
-  with pytest.raises(TypeError, match=r"mapping with keys 0 and 1"):
-    bloop_optax.pcgrad(1.0).update({"main": m, "aux": m}, bloop_optax.pcgrad(1.0).init(m))
+  with pytest.raises(TypeError, match=r"mapping with keys 0 and 1, or 'main' and 'aux'"):
+    bloop_optax.pcgrad(1.0).update({"main": m, "extra": m}, bloop_optax.pcgrad(1.0).init(m))
 
 
 @pytest.mark.parametrize("factory", [bloop_optax.bloop, bloop_optax.mixed, bloop_optax.pcgrad])

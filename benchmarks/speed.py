@@ -1,0 +1,471 @@
+"""Speed and memory of the surgery against the alternatives, as ratios.
+
+Usage (from the repository root)::
+
+  python -m benchmarks.speed            # optimizer step, memory, full steps
+  python -m benchmarks.speed --quick    # small sizes, few rounds (smoke test)
+  python -m benchmarks.speed --devices 8  # also the 8-device scaling table (CPU)
+
+Every comparison is measured in one process, interleaving the variants round
+by round (so machine noise hits all of them alike), with donated buffers, and
+reported as the median over rounds divided by the baseline's median. Results
+go to ``benchmarks/results/speed_<backend>.json``. Nothing here is asserted.
+
+Memory-traffic floors (float32 words per parameter that a step must read and
+write; an optimizer step here is ``tx.update`` plus ``apply_updates``):
+
+* adam: read g, mu, nu, p; write mu, nu, p: 7.
+* mixed + adam: read M, A, mu, nu, p; write mu, nu, p: 8.
+* bloop + adam: 13 for any implementation with a global inner product. The
+  projection coefficient needs <E', A> and <E', E'> over the WHOLE tree before
+  the first output element can be written, and 3 parameter-sized arrays do not
+  stay in cache, so M, A and E are read twice: pass 1 reads M, A, E (3); pass
+  2 reads M, A, E, mu, nu, p and writes E, mu, nu, p (10). A single pass (10)
+  is not attainable.
+"""
+
+import argparse
+import json
+import os
+import pathlib
+import platform
+import statistics
+import sys
+import time
+
+import numpy as np
+
+RESULTS = pathlib.Path(__file__).parent / "results"
+FLOOR_WORDS = {"adam": 7, "mixed+adam": 8, "bloop+adam": 13, "naive bloop+adam": 13}
+
+
+def _params(n_total: int, seed: int = 0):
+  """About ``n_total`` float32 parameters over 8 leaves of different shapes."""
+  import jax.numpy as jnp
+
+  rng = np.random.default_rng(seed)
+  fractions = [0.3, 0.25, 0.15, 0.1, 0.08, 0.06, 0.04, 0.02]
+  tree = {}
+  for i, f in enumerate(fractions):
+    size = max(int(n_total * f), 1)
+    cols = 256 if size >= 256 * 4 else 1
+    shape = (size // cols, cols) if cols > 1 else (size,)
+    tree[f"leaf{i}"] = jnp.asarray(rng.standard_normal(shape), jnp.float32)
+  return tree
+
+
+def naive_bloop(aux_weight: float, ema_decay: float):
+  """Bloop as a user writes it from the paper: tree_map and a sum of vdots."""
+  import jax
+  import jax.numpy as jnp
+  import optax
+
+  def init(params):
+    return jax.tree.map(jnp.zeros_like, params)
+
+  def update(pair, ema, params=None):
+    main, aux = pair
+    ema = jax.tree.map(lambda e, m: ema_decay * e + (1 - ema_decay) * m, ema, main)
+    dot = lambda x, y: sum(
+      jnp.vdot(a, b) for a, b in zip(jax.tree.leaves(x), jax.tree.leaves(y), strict=True)
+    )
+    coef = dot(ema, aux) / dot(ema, ema)
+    direction = jax.tree.map(lambda m, a, e: m + aux_weight * (a - coef * e), main, aux, ema)
+    return direction, ema
+
+  return optax.GradientTransformation(init, update)
+
+
+def _optimizers():
+  import optax
+
+  import bloop_optax
+
+  adam = lambda: optax.adam(1e-3)
+  return {
+    "adam": (adam(), False),
+    "mixed+adam": (optax.chain(bloop_optax.mixed(0.1), adam()), True),
+    "bloop+adam": (optax.chain(bloop_optax.bloop(0.1, 0.99), adam()), True),
+    "naive bloop+adam": (optax.chain(naive_bloop(0.1, 0.99), adam()), True),
+  }
+
+
+def _time_interleaved(fns: dict, rounds: int, inner: int) -> dict[str, float]:
+  """Median seconds per call of each ``fn(state) -> state``, interleaved."""
+  import jax
+
+  states = {name: init() for name, (init, _) in fns.items()}
+  for name, (_, fn) in fns.items():  # compile and warm up
+    states[name] = jax.block_until_ready(fn(states[name]))
+  samples = {name: [] for name in fns}
+  for _ in range(rounds):
+    for name, (_, fn) in fns.items():
+      state = states[name]
+      start = time.perf_counter()
+      for _ in range(inner):
+        state = fn(state)
+      jax.block_until_ready(state)
+      samples[name].append((time.perf_counter() - start) / inner)
+      states[name] = state
+  return {name: statistics.median(s) for name, s in samples.items()}
+
+
+def _optimizer_step_at(n, rounds, inner):
+  import jax
+  import optax
+
+  import bloop_optax
+
+  params = _params(n)
+  count = sum(x.size for x in jax.tree.leaves(params))
+  main, aux = _params(n, seed=1), _params(n, seed=2)
+  fns, memory = {}, {}
+  for name, (tx, takes_pair) in _optimizers().items():
+    grads = bloop_optax.MainAux(main, aux) if takes_pair else main
+
+    # The gradients are arguments, not closed-over constants that XLA would
+    # fold at compile time; only the params and optimizer state are donated.
+    def step(p, s, g, tx=tx):
+      u, s = tx.update(g, s, p)
+      return optax.apply_updates(p, u), s
+
+    jitted = jax.jit(step, donate_argnums=(0, 1))
+
+    def init(tx=tx, grads=grads):
+      return jax.tree.map(lambda x: x.copy(), params), tx.init(params), grads
+
+    def call(carry, jitted=jitted):
+      return (*jitted(*carry), carry[2])
+
+    fns[name] = (init, call)
+    analysis = jitted.lower(*init()).compile().memory_analysis()
+    memory[name] = {
+      "temp_bytes": int(analysis.temp_size_in_bytes),
+      "argument_bytes": int(analysis.argument_size_in_bytes),
+      "output_bytes": int(analysis.output_size_in_bytes),
+    }
+  times = _time_interleaved(fns, rounds, inner)
+  rows = []
+  for name, t in times.items():
+    rows.append(
+      {
+        "params": count,
+        "variant": name,
+        "seconds": t,
+        "ratio_to_mixed_adam": t / times["mixed+adam"],
+        "floor_ratio_to_mixed_adam": FLOOR_WORDS[name] / FLOOR_WORDS["mixed+adam"],
+        "achieved_GBps_at_floor": 4 * FLOOR_WORDS[name] * count / t / 1e9,
+        "param_bytes": 4 * count,
+        **memory[name],
+      }
+    )
+  return rows
+
+
+def optimizer_step(sizes, rounds, inner):
+  """Table 1: the optimizer step at several sizes, and its memory analysis."""
+  return [row for n in sizes for row in _optimizer_step_at(n, rounds, inner)]
+
+
+# ---------------------------------------------------------------- full steps
+
+
+def _mlp_task(batch=256, width=1024, two_heads=False):
+  """A 3-layer MLP with dropout on synthetic data.
+
+  ``two_heads=False``: aux = 0.5 |theta|^2 (a regulariser). ``two_heads=True``:
+  a second head on the same trunk and batch, aux = its cross-entropy on a
+  second label set (multi-task; both losses need the dropout forward pass).
+  """
+  import flax.linen as nn
+  import jax
+  import jax.numpy as jnp
+
+  class MLP(nn.Module):
+    @nn.compact
+    def __call__(self, x, train=True):
+      for _ in range(2):
+        x = nn.Dropout(0.1, deterministic=not train)(nn.relu(nn.Dense(width)(x)))
+      return nn.Dense(10)(x), nn.Dense(10)(x)
+
+  model = MLP()
+  x = jax.random.normal(jax.random.key(0), (batch, 256))
+  y = jax.random.randint(jax.random.key(1), (batch, 2), 0, 10)
+  params = model.init(jax.random.key(2), x, train=False)["params"]
+  if not two_heads:
+    params = {k: v for k, v in params.items() if k != "Dense_3"}
+
+  def ce(logits, labels):
+    return -jnp.mean(jnp.take_along_axis(jax.nn.log_softmax(logits), labels[:, None], 1))
+
+  def losses(params, key):
+    full = params if two_heads else {**params, "Dense_3": frozen_head}
+    main_logits, aux_logits = model.apply({"params": full}, x, rngs={"dropout": key})
+    if two_heads:
+      return ce(main_logits, y[:, 0]), ce(aux_logits, y[:, 1])
+    return ce(main_logits, y[:, 0]), 0.5 * sum(jnp.sum(p**2) for p in jax.tree.leaves(params))
+
+  frozen_head = model.init(jax.random.key(2), x, train=False)["params"]["Dense_3"]
+  return params, losses
+
+
+def _transformer_task(batch=16):
+  """The text task's byte transformer (width 128) on random bytes."""
+  import jax
+  import jax.numpy as jnp
+  import optax
+
+  from benchmarks import text
+
+  model = text.ByteTransformer(width=128, heads=4, layers=2)
+  tokens = jax.random.randint(jax.random.key(0), (batch, text.CONTEXT + 1), 0, 256)
+  aux_tokens = jax.random.randint(jax.random.key(1), (batch, text.CONTEXT + 1), 0, 256)
+  params = model.init(jax.random.key(2), tokens[:, :-1])["params"]
+
+  def ce(params, w):
+    logits = model.apply({"params": params}, w[:, :-1])
+    return jnp.mean(optax.softmax_cross_entropy_with_integer_labels(logits, w[:, 1:]))
+
+  def losses(params, key):
+    del key
+    return ce(params, tokens), ce(params, aux_tokens)
+
+  return params, losses
+
+
+def _full_step_for(model_name, params, losses, rounds, inner):
+  import jax
+  import optax
+
+  import bloop_optax
+
+  count = sum(x.size for x in jax.tree.leaves(params))
+  bloop_tx = optax.chain(bloop_optax.bloop(0.1, 0.99), optax.adam(1e-3))
+  naive_tx = optax.chain(naive_bloop(0.1, 0.99), optax.adam(1e-3))
+  adam = optax.adam(1e-3)
+
+  def with_helper(carry):
+    p, s, key = carry
+    key, sub = jax.random.split(key)
+    _, grads = bloop_optax.value_and_grads(losses)(p, sub)
+    u, s = bloop_tx.update(grads, s, p)
+    return optax.apply_updates(p, u), s, key
+
+  def two_grads(carry):
+    p, s, key = carry
+    key, sub = jax.random.split(key)
+    g_main = jax.grad(lambda p: losses(p, sub)[0])(p)
+    g_aux = jax.grad(lambda p: losses(p, sub)[1])(p)
+    u, s = naive_tx.update((g_main, g_aux), s, p)
+    return optax.apply_updates(p, u), s, key
+
+  def single_loss(carry):
+    p, s, key = carry
+    key, sub = jax.random.split(key)
+    g = jax.grad(lambda p: losses(p, sub)[0])(p)
+    u, s = adam.update(g, s, p)
+    return optax.apply_updates(p, u), s, key
+
+  def start(tx):
+    return lambda: (jax.tree.map(lambda x: x.copy(), params), tx.init(params), jax.random.key(0))
+
+  fns = {
+    "value_and_grads+bloop+adam": (start(bloop_tx), jax.jit(with_helper, donate_argnums=0)),
+    "2x jax.grad+naive+adam": (start(naive_tx), jax.jit(two_grads, donate_argnums=0)),
+    "single-loss adam": (start(adam), jax.jit(single_loss, donate_argnums=0)),
+  }
+  times = _time_interleaved(fns, rounds, inner)
+  base = times["2x jax.grad+naive+adam"]
+  return [
+    {
+      "model": model_name,
+      "params": count,
+      "variant": name,
+      "seconds": t,
+      "ratio_to_two_grads": t / base,
+    }
+    for name, t in times.items()
+  ]
+
+
+def full_step(rounds, inner):
+  """Table 2: value_and_grads + bloop vs two jax.grad + naive vs plain adam."""
+  rows = []
+  for model_name, make in MODELS.items():
+    params, losses = make()
+    rows += _full_step_for(model_name, params, losses, rounds, inner)
+  return rows
+
+
+MODELS = {
+  "mlp_dropout_l2": _mlp_task,
+  "mlp_dropout_two_heads": lambda: _mlp_task(two_heads=True),
+  "transformer_two_datasets": _transformer_task,
+}
+
+
+# ---------------------------------------------------------------- scaling
+
+
+def _scaling_at(per_device, rounds, inner):
+  import jax
+  from jax.sharding import NamedSharding
+  from jax.sharding import PartitionSpec as P
+  import optax
+
+  import bloop_optax
+  from tests.sharding_worker import collectives
+
+  devices = jax.device_count()
+  mesh = jax.make_mesh((devices,), ("data",), axis_types=(jax.sharding.AxisType.Auto,))
+
+  def put(tree):
+    def one(x):
+      spec = P("data") if x.shape[0] % devices == 0 else P()
+      return jax.device_put(x, NamedSharding(mesh, spec))
+
+    return jax.tree.map(one, tree)
+
+  params = put(_params(per_device * devices))
+  pair = bloop_optax.MainAux(
+    put(_params(per_device * devices, 1)), put(_params(per_device * devices, 2))
+  )
+  fns, hlo_ops = {}, {}
+  for name, tx in (
+    ("mixed+adam", optax.chain(bloop_optax.mixed(0.1), optax.adam(1e-3))),
+    ("bloop+adam", optax.chain(bloop_optax.bloop(0.1, 0.99), optax.adam(1e-3))),
+  ):
+
+    def step(p, s, g, tx=tx):
+      u, s = tx.update(g, s, p)
+      return optax.apply_updates(p, u), s
+
+    def init(tx=tx):
+      return jax.tree.map(lambda x: x.copy(), params), jax.jit(tx.init)(params), pair
+
+    jitted = jax.jit(step, donate_argnums=(0, 1))
+
+    def call(carry, jitted=jitted):
+      return (*jitted(*carry), carry[2])
+
+    fns[name] = (init, call)
+    hlo_ops[name] = collectives(jitted.lower(*init()).compile().as_text())
+  times = _time_interleaved(fns, rounds, inner)
+  return [
+    {
+      "devices": devices,
+      "params_per_device": per_device,
+      "variant": name,
+      "seconds": t,
+      "ratio_to_mixed_adam": t / times["mixed+adam"],
+      "collectives": hlo_ops[name],
+    }
+    for name, t in times.items()
+  ]
+
+
+def scaling(sizes_per_device, rounds, inner):
+  """Table 3: N devices, params sharded; time per step and collectives."""
+  return [row for n in sizes_per_device for row in _scaling_at(n, rounds, inner)]
+
+
+# ---------------------------------------------------------------- report
+
+
+def _machine():
+  import jax
+
+  device = jax.devices()[0]
+  return {
+    "backend": jax.default_backend(),
+    "device": getattr(device, "device_kind", str(device)),
+    "device_count": jax.device_count(),
+    "cpu_count": os.cpu_count(),
+    "platform": platform.platform(),
+    "jax": jax.__version__,
+  }
+
+
+def _table(rows, columns):
+  header = "".join(f"{c:>{w}}" for c, w, _ in columns)
+  lines = [header, "-" * len(header)]
+  for row in rows:
+    lines.append("".join(f"{fmt(row[c]):>{w}}" for c, w, fmt in columns))
+  return "\n".join(lines)
+
+
+def main(argv=None):
+  parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+  parser.add_argument("--quick", action="store_true")
+  parser.add_argument(
+    "--devices", type=int, default=0, help="run the scaling table on N CPU devices"
+  )
+  parser.add_argument("--out", type=pathlib.Path, default=RESULTS)
+  args = parser.parse_args(argv)
+  if args.devices:
+    # Must happen before JAX starts: run the scaling table in this process only.
+    os.environ["XLA_FLAGS"] = f"--xla_force_host_platform_device_count={args.devices}"
+  sys.path.insert(0, str(pathlib.Path(__file__).parent.parent))
+  args.out.mkdir(parents=True, exist_ok=True)
+  rounds, inner = (3, 2) if args.quick else (15, 5)
+  report = {"machine": _machine(), "rounds": rounds, "calls_per_round": inner}
+  g = lambda x: f"{x:.3g}"
+  if args.devices:
+    per_device = [2**14, 2**17] if args.quick else [2**17, 2**20, 2**22]
+    report["scaling"] = scaling(per_device, rounds, inner)
+    print(
+      _table(
+        report["scaling"],
+        [
+          ("params_per_device", 18, str),
+          ("variant", 14, str),
+          ("seconds", 12, g),
+          ("ratio_to_mixed_adam", 20, lambda x: f"{x:.3f}"),
+          ("collectives", 60, lambda ops: ", ".join(f"{o} {s}" for o, s in ops) or "none"),
+        ],
+      )
+    )
+    name = f"speed_scaling_{report['machine']['backend']}.json"
+  else:
+    sizes = [2**16, 2**18] if args.quick else [2**20, 2**23, 2**25]
+    report["optimizer_step"] = optimizer_step(sizes, rounds, inner)
+    print("== optimizer step (tx.update + apply_updates), ratios to chain(mixed, adam)")
+    print(
+      _table(
+        report["optimizer_step"],
+        [
+          ("params", 10, str),
+          ("variant", 18, str),
+          ("seconds", 11, g),
+          ("ratio_to_mixed_adam", 20, lambda x: f"{x:.3f}"),
+          ("floor_ratio_to_mixed_adam", 26, lambda x: f"{x:.3f}"),
+          ("achieved_GBps_at_floor", 23, lambda x: f"{x:.2f}"),
+          ("temp_bytes", 12, str),
+          ("param_bytes", 12, str),
+        ],
+      )
+    )
+    report["full_step"] = full_step(rounds, inner)
+    print("\n== full training step, ratios to two jax.grad calls + naive reference + adam")
+    print(
+      _table(
+        report["full_step"],
+        [
+          ("model", 13, str),
+          ("params", 9, str),
+          ("variant", 28, str),
+          ("seconds", 11, g),
+          ("ratio_to_two_grads", 20, lambda x: f"{x:.3f}"),
+        ],
+      )
+    )
+    name = f"speed_{report['machine']['backend']}.json"
+  if args.quick:
+    name = name.replace(".json", "_quick.json")
+  (args.out / name).write_text(json.dumps(report, indent=1))
+  print(f"\nmachine: {report['machine']}\nwrote {args.out / name}")
+  return 0
+
+
+if __name__ == "__main__":
+  sys.exit(main())
