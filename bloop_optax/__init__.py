@@ -8,6 +8,8 @@ References:
 from bloop_optax._accumulate import MultiStepsState
 from bloop_optax._accumulate import multi_steps
 from bloop_optax._grads import value_and_grads
+from bloop_optax._hierarchical import HierarchicalBloopState
+from bloop_optax._hierarchical import hierarchical_bloop
 from bloop_optax._pair import MainAux
 from bloop_optax._transforms import BloopState
 from bloop_optax._transforms import MixedState
@@ -23,12 +25,14 @@ __version__ = "0.1.0"
 
 __all__ = (
   "BloopState",
+  "HierarchicalBloopState",
   "MainAux",
   "MixedState",
   "MultiStepsState",
   "SurgeryState",
   "bloop",
   "dynamic_barrier",
+  "hierarchical_bloop",
   "mixed",
   "multi_steps",
   "pcgrad",

@@ -54,6 +54,22 @@ def split_pair(updates: Any, api: str) -> tuple[PyTree, PyTree]:
   )
 
 
+def split_tuple(updates: Any, n: int, api: str) -> tuple[PyTree, ...]:
+  """Returns ``n`` pytrees from a tuple or list of length ``n``, or a mapping
+  with keys exactly ``0 .. n-1`` (what Flax NNX builds from a tuple)."""
+  if isinstance(updates, (tuple, list)) and len(updates) == n:
+    return tuple(updates)
+  if isinstance(updates, Mapping) and set(updates.keys()) == set(range(n)):
+    return tuple(updates[i] for i in range(n))
+  got = len(updates) if isinstance(updates, (tuple, list, Mapping)) else "not a sequence"
+  raise TypeError(
+    f"{api}: expected updates=(main_grads, aux_grads_1, ..., aux_grads_{n - 1}), a tuple"
+    f" of {n} pytrees (one more than aux_weights), or a mapping with keys 0..{n - 1};"
+    f" got {type(updates).__name__} of length {got} with tree structure"
+    f" {_describe(updates)}."
+  )
+
+
 def _first_mismatch(left: PyTree, right: PyTree) -> str | None:
   """Describes the first key path where two trees differ, or returns None."""
   left_leaves, left_def = jax.tree_util.tree_flatten_with_path(left)

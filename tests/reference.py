@@ -68,3 +68,37 @@ def pcgrad(m, a, lam):
   if m @ a >= 0:
     return m + lam * a
   return project_out(m, a) + lam * project_out(a, m)
+
+
+FLOAT32_RTOL = 16 * np.finfo(np.float32).eps
+
+
+def hierarchical_bloop(mains, auxes, lams, beta, rtol=FLOAT32_RTOL):
+  """Hierarchical Bloop (paper 2.3): ``auxes[k][t]`` is aux k+1 at step t.
+
+  Returns the directions and, per step, the orthogonalised EMAs Q_0..Q_{K-1}.
+  """
+  levels = len(lams)
+  emas = [np.zeros_like(mains[0]) for _ in range(levels)]
+  directions, bases = [], []
+  for t, m in enumerate(mains):
+    grads = [m] + [aux[t] for aux in auxes]
+    if all(np.all(np.isfinite(g)) for g in grads):
+      emas = [beta * e + (1 - beta) * g for e, g in zip(emas, grads, strict=False)]
+    qs = []
+    for e in emas:  # classical Gram-Schmidt
+      q = e.copy()
+      for qi in qs:
+        if qi @ qi > 0:
+          q = q - (e @ qi) / (qi @ qi) * qi
+      qs.append(q if q @ q > rtol * (e @ e) else np.zeros_like(q))
+    d = m.copy()
+    for k in range(1, levels + 1):
+      part = grads[k].copy()
+      for q in qs[:k]:
+        if q @ q > 0:
+          part = part - (grads[k] @ q) / (q @ q) * q
+      d = d + lams[k - 1] * part
+    directions.append(d)
+    bases.append(qs)
+  return directions, bases

@@ -34,7 +34,9 @@ def test_bloop_step_has_no_parameter_sized_temporary():
   assert temp < param_bytes / 16, (temp, param_bytes)
 
 
-@pytest.mark.parametrize("factory", [bloop_optax.mixed, bloop_optax.dynamic_barrier, bloop_optax.pcgrad])
+@pytest.mark.parametrize(
+  "factory", [bloop_optax.mixed, bloop_optax.dynamic_barrier, bloop_optax.pcgrad]
+)
 def test_baseline_steps_have_no_parameter_sized_temporary(factory):
   temp, param_bytes = temp_bytes(optax.chain(factory(0.1), optax.adam(1e-3)))
   assert temp < param_bytes / 16, (temp, param_bytes)
