@@ -11,6 +11,8 @@ from bloop_optax._grads import value_and_grads
 from bloop_optax._hierarchical import HierarchicalBloopState
 from bloop_optax._hierarchical import hierarchical_bloop
 from bloop_optax._pair import MainAux
+from bloop_optax._partition import PartitionState
+from bloop_optax._partition import partition
 from bloop_optax._transforms import BloopState
 from bloop_optax._transforms import MixedState
 from bloop_optax._transforms import SurgeryState
@@ -29,12 +31,14 @@ __all__ = (
   "MainAux",
   "MixedState",
   "MultiStepsState",
+  "PartitionState",
   "SurgeryState",
   "bloop",
   "dynamic_barrier",
   "hierarchical_bloop",
   "mixed",
   "multi_steps",
+  "partition",
   "pcgrad",
   "tree_dot",
   "tree_dots",

@@ -70,7 +70,7 @@ def split_tuple(updates: Any, n: int, api: str) -> tuple[PyTree, ...]:
   )
 
 
-def _first_mismatch(left: PyTree, right: PyTree) -> str | None:
+def _first_mismatch(left: PyTree, right: PyTree, shapes: bool = True) -> str | None:
   """Describes the first key path where two trees differ, or returns None."""
   left_leaves, left_def = jax.tree_util.tree_flatten_with_path(left)
   right_leaves, right_def = jax.tree_util.tree_flatten_with_path(right)
@@ -83,6 +83,8 @@ def _first_mismatch(left: PyTree, right: PyTree) -> str | None:
     if len(left_paths) != len(right_paths):
       return f"{len(left_paths)} leaves vs {len(right_paths)} leaves"
     return f"tree structure {_describe(left)} vs {_describe(right)}"
+  if not shapes:
+    return None
   for (path, a), (_, b) in zip(left_leaves, right_leaves, strict=True):
     a_shape, b_shape = jax.numpy.shape(a), jax.numpy.shape(b)
     if a_shape != b_shape:
@@ -98,12 +100,13 @@ def check_same_layout(
   left_name: str,
   right_name: str,
   fix: str,
+  shapes: bool = True,
 ) -> None:
   """Raises ValueError unless ``left`` and ``right`` have one structure and shapes."""
-  mismatch = _first_mismatch(left, right)
+  mismatch = _first_mismatch(left, right, shapes)
   if mismatch is not None:
     raise ValueError(
       f"{api}: expected {left_name} and {right_name} with the same tree"
-      f" structure and leaf shapes; they differ: {mismatch}"
+      f" structure{' and leaf shapes' if shapes else ''}; they differ: {mismatch}"
       f" ({left_name} first). {fix}"
     )
