@@ -35,6 +35,7 @@ TRAINING_TASKS = {
   "digits": lambda epochs, quick: tasks.smooth_mlp(epochs or (2 if quick else 100)),
   "multitask": lambda epochs, quick: tasks.multitask(epochs or (2 if quick else 60)),
   "ema_ablation": lambda epochs, quick: tasks.ema_ablation(epochs or (2 if quick else 100)),
+  "three_objectives": lambda epochs, quick: tasks.three_objectives(epochs or (2 if quick else 100)),
 }
 
 
@@ -48,6 +49,13 @@ TRAINING_TASKS["text"] = _text_task
 ALL_TASKS = [*TRAINING_TASKS, "monte_carlo"]
 
 
+def _compact(values: np.ndarray) -> list:
+  """Nested lists of floats with 5 significant digits (NaN becomes None)."""
+  values = np.asarray(values, np.float64)
+  rounded = [float(f"{v:.5g}") if np.isfinite(v) else None for v in values.ravel()]
+  return np.array(rounded, dtype=object).reshape(values.shape).tolist()
+
+
 def _to_json(results: dict, task: harness.Task, summary: dict, seconds: float) -> dict:
   return {
     "task": task.name,
@@ -58,7 +66,7 @@ def _to_json(results: dict, task: harness.Task, summary: dict, seconds: float) -
     "seconds": seconds,
     "hypervolume": summary,
     # method -> metric -> [aux_weight][seed][epoch]
-    "metrics": {m: {k: np.asarray(v).tolist() for k, v in r.items()} for m, r in results.items()},
+    "metrics": {m: {k: _compact(v) for k, v in r.items()} for m, r in results.items()},
   }
 
 

@@ -120,17 +120,21 @@ def attainment(results: dict[str, dict], panel: str, scales, levels: int = 8) ->
   """The lowest aux each method reaches with its main loss at most L.
 
   End points are averaged over seeds per aux weight. The levels L are spread
-  (in the task's main scale) between the best final main loss and the
-  untrained model's. No interpolation: a level a method never reaches is None.
+  (in the task's main scale) between the best and the worst final main loss
+  that beat the untrained model. No interpolation: a level a method never
+  reaches is None.
   """
   ends = {}
   for name, metrics in results.items():
     main, aux = _axes(metrics, panel)
     ends[name] = np.stack([_final_mean(metrics, main), _final_mean(metrics, aux)], axis=-1)
-  best = np.nanmin(np.concatenate([e[:, 0] for e in ends.values()]))
-  grid = np.linspace(transform(best, scales[0]), reference_point(results, panel, scales)[0], levels)
+  finals = np.concatenate([e[:, 0] for e in ends.values()])
+  reference = reference_point(results, panel, scales)[0]
+  useful = finals[transform(finals, scales[0]) < reference]
+  best, worst = np.nanmin(finals), np.nanmax(useful) if useful.size else np.nanmax(finals)
+  grid = np.linspace(transform(best, scales[0]), transform(worst, scales[0]), levels)
   level_values = 10**grid if scales[0] == "log" else grid
-  level_values[0] = best  # exactly, not through a log round trip
+  level_values[0], level_values[-1] = best, worst  # exactly, no log round trip
   table = {"levels": level_values.tolist(), "methods": {}}
   for name, e in ends.items():
     row = []
@@ -144,7 +148,9 @@ def attainment(results: dict[str, dict], panel: str, scales, levels: int = 8) ->
 def format_tables(task, results: dict[str, dict], summary: dict[str, Any]) -> str:
   """Final metrics per (method, aux weight), means over seeds, then the scores."""
   keys = [
-    k for k in ("main_train", "main_test", "aux", "aux_test") if k in next(iter(results.values()))
+    k
+    for k in ("main_train", "main_test", "aux", "aux_test", "aux_2")
+    if k in next(iter(results.values()))
   ]
   header = f"{'method':<22}{'aux_weight':>11}" + "".join(f"{k:>12}" for k in keys)
   lines = [f"== {task.name}: final values, mean over seeds", header, "-" * len(header)]

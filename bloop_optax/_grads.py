@@ -1,4 +1,4 @@
-"""Both gradients of a ``(main_loss, aux_loss)`` function from one forward pass."""
+"""Every gradient of a function of several losses from one forward pass."""
 
 from collections.abc import Callable
 from collections.abc import Sequence
@@ -11,23 +11,25 @@ import jax.numpy as jnp
 from bloop_optax._pair import MainAux
 
 
-def _loss_pair(out: Any, has_aux: bool) -> tuple[jax.Array, jax.Array]:
-  pair = out
-  if not (isinstance(pair, (tuple, list)) and len(pair) == 2):
+def _losses(out: Any, has_aux: bool) -> tuple[jax.Array, ...]:
+  """The tuple of scalar losses ``fun`` returned (two or more), or raises."""
+  if not (isinstance(out, (tuple, list)) and len(out) >= 2):
     expected = "((main_loss, aux_loss), aux_data)" if has_aux else "(main_loss, aux_loss)"
     raise TypeError(
       f"value_and_grads: expected fun to return {expected} with scalar"
-      f" losses; got {type(pair).__name__}: {jax.tree.structure(pair)}."
+      f" losses (or more aux losses after the main one); got"
+      f" {type(out).__name__}: {jax.tree.structure(out)}."
       + ("" if has_aux else " If fun also returns data, pass has_aux=True.")
     )
-  for name, loss in zip(("main_loss", "aux_loss"), pair, strict=True):
+  names = ["main_loss", "aux_loss"] + [f"aux_loss_{k}" for k in range(2, len(out))]
+  for name, loss in zip(names, out, strict=True):
     shape = jnp.shape(loss)
     if shape != ():
       raise TypeError(
         f"value_and_grads: expected {name} to be a scalar; got shape {shape}."
         " Reduce it (e.g. with .mean()) inside fun."
       )
-  return pair[0], pair[1]
+  return tuple(out)
 
 
 def value_and_grads(
@@ -55,7 +57,9 @@ def value_and_grads(
     ``losses`` is ``MainAux(main_loss, aux_loss)`` (or ``(MainAux(...),
     aux_data)`` with ``has_aux``) and ``grads`` is ``MainAux(g_main, g_aux)``,
     each shaped like the differentiated argument(s), ready for
-    :func:`bloop_optax.bloop`.
+    :func:`bloop_optax.bloop`. If ``fun`` returns more losses, ``(main_loss,
+    aux_loss_1, ..., aux_loss_K)``, both are plain tuples of that length, ready
+    for :func:`bloop_optax.hierarchical_bloop`.
 
   Examples:
     >>> import jax.numpy as jnp
@@ -95,23 +99,26 @@ def value_and_grads(
       for n, value in zip(nums_pos, diff_args, strict=True):
         full_args[n] = value
       out = fun(*full_args, **full_kwargs)
-      pair, data = out if has_aux else (out, None)
-      main_loss, aux_loss = _loss_pair(pair, has_aux)
-      return (main_loss, aux_loss), data
+      losses, data = out if has_aux else (out, None)
+      return _losses(losses, has_aux), data
 
     diff = tuple(args[n] for n in nums_pos)
-    (main_loss, aux_loss), tangent_fn, data = jax.linearize(restricted, *diff, has_aux=True)
+    losses, tangent_fn, data = jax.linearize(restricted, *diff, has_aux=True)
     # Transposing each output's projection of the linearization, instead of
     # pulling (1, 0) and (0, 1) back through the joint vjp, lets JAX treat the
-    # other loss's cotangent as a symbolic zero: each backward pass covers only
-    # its own loss's graph (a regulariser's gradient no longer costs a second
-    # backward pass through the network).
-    g_main = jax.linear_transpose(lambda *t: tangent_fn(*t)[0], *diff)(jnp.ones_like(main_loss))
-    g_aux = jax.linear_transpose(lambda *t: tangent_fn(*t)[1], *diff)(jnp.ones_like(aux_loss))
-    if single:
-      g_main, g_aux = g_main[0], g_aux[0]
-    losses = MainAux(main_loss, aux_loss)
+    # other losses' cotangents as symbolic zeros: each backward pass covers
+    # only its own loss's graph (a regulariser's gradient no longer costs a
+    # second backward pass through the network).
+    grads = []
+    for k, loss in enumerate(losses):
+      transpose = jax.linear_transpose(lambda *t, k=k: tangent_fn(*t)[k], *diff)
+      g = transpose(jnp.ones_like(loss))
+      grads.append(g[0] if single else g)
+    if len(losses) == 2:
+      losses, grads = MainAux(*losses), MainAux(*grads)
+    else:
+      grads = tuple(grads)
     value = (losses, data) if has_aux else losses
-    return value, MainAux(g_main, g_aux)
+    return value, grads
 
   return wrapped

@@ -60,6 +60,7 @@ def test_every_task_runs_and_writes_its_outputs(task, tmp_path, capsys):
     "multitask": "digits_multitask",
     "ema_ablation": "digits_ema_ablation",
     "text": "text_joint",
+    "three_objectives": "digits_three_objectives",
     "monte_carlo": "monte_carlo",
   }[task]
   assert (tmp_path / f"{stem}.png").stat().st_size > 10_000
@@ -82,4 +83,4 @@ def test_every_task_runs_and_writes_its_outputs(task, tmp_path, capsys):
       )
       assert np.isfinite(values).all(), (method, name)
     assert result["hypervolume"]["methods"][method]["train"]["mean"] >= 0.0
-  assert {"mixed", "bloop"} <= set(result["metrics"]) or task == "ema_ablation"
+  assert "mixed" in result["metrics"] and any("bloop" in m for m in result["metrics"])

@@ -73,6 +73,54 @@ def test_value_and_grads_argnums_and_has_aux():
   assert_trees_close(grads.aux, g_aux)
 
 
+def test_value_and_grads_with_several_aux_losses():
+  params, (x, y) = init_params(), regression_data()
+
+  def three(p):
+    main, l2 = losses(p, x, y)
+    return main, l2, jnp.sum(jnp.abs(p["w2"]))
+
+  values, grads = jax.jit(bloop_optax.value_and_grads(three))(params)
+  assert isinstance(grads, tuple) and len(grads) == 3 and not isinstance(grads, MainAux)
+  for k in range(3):
+    assert_trees_close(grads[k], jax.grad(lambda p, k=k: three(p)[k])(params))
+  np.testing.assert_allclose(values, three(params), rtol=1e-6)
+
+
+def test_weight_sweep_in_one_compiled_program():
+  """vmap over aux_weight (and seeds): the pattern the experiment runner uses.
+
+  A traced aux_weight goes straight into the factory; one compiled program
+  trains every (weight, seed) and equals separate runs.
+  """
+  x, y = regression_data()
+  grad_fn = bloop_optax.value_and_grads(losses)
+
+  def train(aux_weight, seed):
+    params = jax.tree.map(
+      lambda p: p + 0.1 * jax.random.normal(jax.random.key(seed), p.shape), init_params()
+    )
+    tx = optax.chain(bloop_optax.bloop(aux_weight, 0.9), optax.adam(1e-2))
+
+    def step(carry, _):
+      p, s = carry
+      _, g = grad_fn(p, x, y)
+      u, s = tx.update(g, s, p)
+      return (optax.apply_updates(p, u), s), None
+
+    (params, _), _ = jax.lax.scan(step, (params, tx.init(params)), None, length=30)
+    return params
+
+  weights = jnp.array([0.0, 0.3, 3.0, 0.0, 0.3, 3.0])
+  seeds = jnp.array([0, 0, 0, 1, 1, 1])
+  swept = jax.jit(jax.vmap(train))(weights, seeds)
+  for i in range(6):
+    one = jax.jit(train)(weights[i], seeds[i])
+    assert_trees_close(jax.tree.map(lambda v, i=i: v[i], swept), one, rtol=1e-4, atol=1e-5)
+  norms = [float(jnp.sum(swept["w1"][i] ** 2)) for i in range(3)]
+  assert norms[0] > norms[2]  # a larger aux weight shrinks the weights
+
+
 def test_fun_runs_forward_once():
   calls = []
 
