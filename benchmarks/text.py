@@ -55,7 +55,9 @@ class Block(nn.Module):
   @nn.compact
   def __call__(self, x):
     mask = nn.make_causal_mask(jnp.ones(x.shape[:-1], jnp.int32))
-    h = nn.SelfAttention(num_heads=self.heads, qkv_features=self.width)(nn.LayerNorm()(x), mask)
+    h = nn.MultiHeadDotProductAttention(num_heads=self.heads, qkv_features=self.width)(
+      nn.LayerNorm()(x), mask=mask
+    )
     x = x + h
     h = nn.Dense(4 * self.width)(nn.LayerNorm()(x))
     return x + nn.Dense(self.width)(nn.gelu(h))

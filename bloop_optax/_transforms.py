@@ -241,7 +241,9 @@ def bloop(
   The added part ``λ (A - r P)`` is orthogonal to ``P``, so to first order the
   main loss decreases as with ``M`` alone, whatever ``λ``. ``β = 0`` with
   ``update_first`` projects on the current main gradient ("Bloop without
-  EMA"). A step whose ``M`` or ``A`` is not finite (or whose float32 sums of
+  EMA"). The inner products are float32 sums (or wider): a projection vector
+  with norm below about 1e-19 has ``<P, P>`` underflow to 0 and counts as zero.
+  A step whose ``M`` or ``A`` is not finite (or whose float32 sums of
   squares overflow) never enters the EMA: the state keeps ``E``, counts the
   step in ``skipped_steps``, and the direction passes through so that a
   downstream ``optax.apply_if_finite`` can skip it.
