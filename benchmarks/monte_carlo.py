@@ -101,12 +101,10 @@ def run(out_dir: pathlib.Path, quick: bool = False) -> str:
 
 
 def _plot(result, path):
-  import matplotlib
+  from matplotlib.figure import Figure  # no pyplot: leaves the global backend alone
 
-  matplotlib.use("Agg")
-  import matplotlib.pyplot as plt
-
-  fig, ax = plt.subplots(figsize=(7, 4.5))
+  fig = Figure(figsize=(7, 4.5))
+  ax = fig.subplots()
   sig = result["sigmas"]
   for c, (name, curve) in enumerate(result["curves"].items()):
     color = f"C{c}"
@@ -128,4 +126,3 @@ def _plot(result, path):
   ax.legend(fontsize=7)
   fig.tight_layout()
   fig.savefig(path, dpi=120)
-  plt.close(fig)

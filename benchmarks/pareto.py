@@ -190,12 +190,11 @@ def format_tables(task, results: dict[str, dict], summary: dict[str, Any]) -> st
 def plot(task, results: dict[str, dict], path: str) -> None:
   """Two panels (train, held-out): faint trajectories, end points, fronts."""
   import matplotlib
+  from matplotlib.figure import Figure  # no pyplot: leaves the global backend alone
 
-  matplotlib.use("Agg")
-  import matplotlib.pyplot as plt
-
-  fig, axes = plt.subplots(1, 2, figsize=(12, 4.8))
-  colors = plt.rcParams["axes.prop_cycle"].by_key()["color"]
+  fig = Figure(figsize=(12, 4.8))
+  axes = fig.subplots(1, 2)
+  colors = matplotlib.rcParams["axes.prop_cycle"].by_key()["color"]
   for ax, panel in zip(axes, PANELS, strict=True):
     reference_main = reference_point(results, panel, task.scales)[0]
     all_main = np.concatenate(
@@ -254,4 +253,3 @@ def plot(task, results: dict[str, dict], path: str) -> None:
   axes[0].legend()
   fig.tight_layout()
   fig.savefig(path, dpi=120)
-  plt.close(fig)

@@ -320,7 +320,6 @@ def three_objectives(epochs: int = 100) -> Task:
   projects the summed aux gradient off the main EMA, ignoring the hierarchy.
   """
   base = smooth_mlp(epochs=epochs)
-  x, y, x_test, y_test = digits_split()
 
   def weight_norm(layers):
     return 0.5 * sum(jnp.sum(leaf**2) for leaf in jax.tree.leaves(layers)) / 1000.0
