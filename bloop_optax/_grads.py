@@ -21,7 +21,8 @@ def _losses(out: Any, has_aux: bool) -> tuple[jax.Array, ...]:
       f" {type(out).__name__}: {jax.tree.structure(out)}."
       + ("" if has_aux else " If fun also returns data, pass has_aux=True.")
     )
-  names = ["main_loss", "aux_loss"] + [f"aux_loss_{k}" for k in range(2, len(out))]
+  auxes = ["aux_loss"] if len(out) == 2 else [f"aux_loss_{k}" for k in range(1, len(out))]
+  names = ["main_loss", *auxes]
   for name, loss in zip(names, out, strict=True):
     shape = jnp.shape(loss)
     if shape != ():
@@ -36,8 +37,8 @@ def value_and_grads(
   fun: Callable[..., Any],
   argnums: int | Sequence[int] = 0,
   has_aux: bool = False,
-) -> Callable[..., tuple[Any, MainAux]]:
-  """Like ``jax.value_and_grad`` for a function of two losses.
+) -> Callable[..., tuple[Any, MainAux | tuple[Any, ...]]]:
+  """Like ``jax.value_and_grad`` for a function of two (or more) losses.
 
   ``fun`` returns ``(main_loss, aux_loss)`` (or ``((main_loss, aux_loss),
   aux_data)`` with ``has_aux=True``). The returned function runs ``fun``
@@ -99,6 +100,12 @@ def value_and_grads(
       for n, value in zip(nums_pos, diff_args, strict=True):
         full_args[n] = value
       out = fun(*full_args, **full_kwargs)
+      if has_aux and not (isinstance(out, (tuple, list)) and len(out) == 2):
+        raise TypeError(
+          "value_and_grads: has_aux=True expects fun to return"
+          f" ((main_loss, aux_loss), aux_data); got {type(out).__name__}:"
+          f" {jax.tree.structure(out)}."
+        )
       losses, data = out if has_aux else (out, None)
       return _losses(losses, has_aux), data
 

@@ -185,8 +185,8 @@ def tree_dot(x: PyTree, y: PyTree) -> jax.Array:
 def _ratio(num: jax.Array, den: jax.Array) -> jax.Array:
   """``num / den`` for a squared norm ``den``, taken as 0 where ``den <= 0``.
 
-  SPEC's zero-norm rule; ``< 0`` only arises from rounding in an expanded
-  ``<P, P>`` whose true value is 0.
+  SPEC's zero-norm rule. A squared norm is never negative; ``<= 0`` also
+  covers a Gram-Schmidt residual norm that rounding pushed just below 0.
   """
   positive = den > 0
   return jnp.where(positive, num / jnp.where(positive, den, 1), 0)
@@ -259,8 +259,9 @@ def bloop(
 
   Returns:
     An ``optax.GradientTransformationExtraArgs`` whose ``update`` takes
-    ``MainAux(main_grads, aux_grads)`` (or a 2-tuple, or a mapping with keys 0
-    and 1) and returns the direction ``D`` shaped like ``main_grads``.
+    ``MainAux(main_grads, aux_grads)`` (or a 2-tuple, or a mapping with keys
+    0 and 1 or "main" and "aux") and returns the direction ``D`` shaped like
+    ``main_grads``.
 
   Examples:
     >>> import jax.numpy as jnp
