@@ -253,7 +253,10 @@ def bloop(
     ema_decay: ``β`` in [0, 1], the weight on the OLD average as in
       ``optax.ema``. The paper's rate is ``ρ = 1 - β``; its default ``ρ = 0.01``
       is ``β = 0.99``.
-    ema_order: ``"update_first"`` or ``"project_first"``, see above.
+    ema_order: ``"update_first"`` or ``"project_first"``, see above. With
+      ``update_first`` the compiled step updates the EMA in place with no
+      parameter-sized temporary; ``project_first`` needs the previous EMA after
+      the new one is written, and XLA keeps one parameter-sized copy for it.
     accumulator_dtype: dtype of the EMA. ``None`` keeps float32, or the
       params' dtype where it is wider.
 
