@@ -70,16 +70,13 @@ def multi_steps(
   if not isinstance(every_k, int) or isinstance(every_k, bool) or every_k < 1:
     raise ValueError(f"{api}: expected every_k to be a Python int >= 1; got {every_k!r}.")
 
-  def zeros_like_acc(params):
-    return jax.tree.map(
-      lambda p: jnp.zeros_like(p, dtype=_transforms.acc_dtype(p.dtype, None)), params
-    )
-
   def init_fn(params: PyTree) -> MultiStepsState:
     return MultiStepsState(
       mini_step=jnp.zeros([], jnp.int32),
       gradient_step=jnp.zeros([], jnp.int32),
-      acc_grads=_pair.MainAux(zeros_like_acc(params), zeros_like_acc(params)),
+      acc_grads=_pair.MainAux(
+        _transforms.zeros_accumulator(params), _transforms.zeros_accumulator(params)
+      ),
       inner_state=inner.init(params),
     )
 

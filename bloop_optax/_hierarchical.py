@@ -95,9 +95,7 @@ def hierarchical_bloop(
   acc = None if accumulator_dtype is None else jnp.dtype(accumulator_dtype)
 
   def init_fn(params):
-    zeros = lambda: jax.tree.map(
-      lambda p: jnp.zeros_like(p, dtype=T.acc_dtype(p.dtype, acc)), params
-    )
+    zeros = lambda: T.zeros_accumulator(params, acc)
     return HierarchicalBloopState(
       steps=jnp.zeros([], jnp.int32),
       skipped_steps=jnp.zeros([], jnp.int32),
@@ -134,9 +132,12 @@ def hierarchical_bloop(
     emas = [jax.tree.map(average, e, g) for e, g in zip(state.level_emas, grads, strict=False)]
 
     # Gram–Schmidt in coefficient space: Q_j = sum_l L[j, l] E_l.
-    gram = jnp.stack(
-      [jnp.stack([T.tree_dot(emas[i], emas[j]) for j in range(levels)]) for i in range(levels)]
-    )
+    # The Gram matrix is symmetric: one batched reduction per pair i <= j.
+    upper = [(i, j) for i in range(levels) for j in range(i, levels)]
+    products = T.tree_dots(*((emas[i], emas[j]) for i, j in upper))
+    rows, cols = (list(index) for index in zip(*upper, strict=True))
+    gram = jnp.zeros([levels, levels], products.dtype).at[rows, cols].set(products)
+    gram = gram.at[cols, rows].set(products)
     cross = jnp.stack(
       [  # cross[k - 1, l] = <A_k, E_l>, used for l < k only
         jnp.concatenate(
@@ -184,9 +185,7 @@ def hierarchical_bloop(
         finite, state.skipped_steps, optax.safe_increment(state.skipped_steps)
       ),
       level_emas=tuple(emas),
-      cos_main_aux=T._ratio(main_aux, jnp.sqrt(squares[0]) * jnp.sqrt(squares[1:])).astype(
-        jnp.float32
-      ),
+      cos_main_aux=T._cosine(main_aux, squares[0], squares[1:]),
     )
     return updates_out, new_state
 

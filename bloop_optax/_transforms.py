@@ -142,6 +142,13 @@ def acc_dtype(dtype: Any, accumulator_dtype: Any) -> jnp.dtype:
   return _wide(dtype)
 
 
+def zeros_accumulator(params: PyTree, accumulator_dtype: Any = None) -> PyTree:
+  """Zeros shaped (and sharded) like ``params``, in the accumulator dtype."""
+  return jax.tree.map(
+    lambda p: jnp.zeros_like(p, dtype=acc_dtype(p.dtype, accumulator_dtype)), params
+  )
+
+
 def _leaf_dot(x: jax.Array, y: jax.Array) -> jax.Array:
   dtype = _wide(x.dtype, y.dtype)
   return jnp.sum(x.astype(dtype) * y.astype(dtype))
@@ -300,7 +307,7 @@ def bloop(
     return BloopState(
       steps=jnp.zeros([], jnp.int32),
       skipped_steps=jnp.zeros([], jnp.int32),
-      main_ema=jax.tree.map(lambda p: jnp.zeros_like(p, dtype=acc_dtype(p.dtype, acc)), params),
+      main_ema=zeros_accumulator(params, acc),
       cos_main_aux=jnp.zeros([], jnp.float32),
       proj_coef=jnp.zeros([], jnp.float32),
     )
