@@ -7,21 +7,21 @@ References:
 
 from bloop_optax._accumulate import MultiStepsState
 from bloop_optax._accumulate import multi_steps
+from bloop_optax._baselines import MixedState
+from bloop_optax._baselines import SurgeryState
+from bloop_optax._baselines import dynamic_barrier
+from bloop_optax._baselines import mixed
+from bloop_optax._baselines import pcgrad
+from bloop_optax._bloop import BloopState
+from bloop_optax._bloop import bloop
 from bloop_optax._grads import value_and_grads
 from bloop_optax._hierarchical import HierarchicalBloopState
 from bloop_optax._hierarchical import hierarchical_bloop
 from bloop_optax._pair import MainAux
 from bloop_optax._partition import PartitionState
 from bloop_optax._partition import partition
-from bloop_optax._transforms import BloopState
-from bloop_optax._transforms import MixedState
-from bloop_optax._transforms import SurgeryState
-from bloop_optax._transforms import bloop
-from bloop_optax._transforms import dynamic_barrier
-from bloop_optax._transforms import mixed
-from bloop_optax._transforms import pcgrad
-from bloop_optax._transforms import tree_dot
-from bloop_optax._transforms import tree_dots
+from bloop_optax._tree_math import tree_dot
+from bloop_optax._tree_math import tree_dots
 
 __version__ = "0.1.0"
 

@@ -7,8 +7,9 @@ import jax
 import jax.numpy as jnp
 import optax
 
+from bloop_optax import _checks
 from bloop_optax import _pair
-from bloop_optax import _transforms
+from bloop_optax import _tree_math as tm
 
 PyTree = Any
 
@@ -74,15 +75,13 @@ def multi_steps(
     return MultiStepsState(
       mini_step=jnp.zeros([], jnp.int32),
       gradient_step=jnp.zeros([], jnp.int32),
-      acc_grads=_pair.MainAux(
-        _transforms.zeros_accumulator(params), _transforms.zeros_accumulator(params)
-      ),
+      acc_grads=_pair.MainAux(tm.zeros_accumulator(params), tm.zeros_accumulator(params)),
       inner_state=inner.init(params),
     )
 
   def update_fn(updates, state: MultiStepsState, params=None, **extra):
-    main, aux = _transforms.check_pair(updates, api)
-    _transforms.check_against_params(main, state.acc_grads.main, api)
+    main, aux = _checks.check_pair(updates, api)
+    _checks.check_against_params(main, state.acc_grads.main, api)
     add = lambda acc, g: acc + g.astype(acc.dtype)
     acc = _pair.MainAux(
       jax.tree.map(add, state.acc_grads.main, main),

@@ -8,8 +8,9 @@ import jax
 import jax.numpy as jnp
 import optax
 
+from bloop_optax import _checks
 from bloop_optax import _pair
-from bloop_optax import _transforms as T
+from bloop_optax import _tree_math as tm
 
 PyTree = Any
 
@@ -34,7 +35,7 @@ class HierarchicalBloopState(NamedTuple):
 
 
 def hierarchical_bloop(
-  aux_weights: Sequence[T.ScalarOrSchedule],
+  aux_weights: Sequence[_checks.ScalarOrSchedule],
   ema_decay: jax.typing.ArrayLike = 0.99,
   *,
   accumulator_dtype: Any | None = None,
@@ -89,13 +90,13 @@ def hierarchical_bloop(
   if not aux_weights:
     raise ValueError(f"{api}: expected at least one aux weight; got an empty sequence.")
   for weight in aux_weights:
-    T._check_aux_weight(weight, api)
-  T._check_ema_decay(ema_decay, api)
+    _checks.check_aux_weight(weight, api)
+  _checks.check_ema_decay(ema_decay, api)
   levels = len(aux_weights)  # K; EMAs are kept for levels 0 .. K-1
   acc = None if accumulator_dtype is None else jnp.dtype(accumulator_dtype)
 
   def init_fn(params):
-    zeros = lambda: T.zeros_accumulator(params, acc)
+    zeros = lambda: tm.zeros_accumulator(params, acc)
     return HierarchicalBloopState(
       steps=jnp.zeros([], jnp.int32),
       skipped_steps=jnp.zeros([], jnp.int32),
@@ -116,14 +117,16 @@ def hierarchical_bloop(
         f"aux_grads_{k}",
         "Differentiate every loss with respect to the same params.",
       )
-    T.check_against_params(main, state.level_emas[0], api)
-    lams = [T._scalar(T._weight_at(w, state.steps)) for w in aux_weights]
-    beta = T._scalar(ema_decay)
+    _checks.check_against_params(main, state.level_emas[0], api)
+    lams = [_checks.weight_at(w, state.steps) for w in aux_weights]
+    beta = jnp.asarray(ema_decay, jnp.result_type(float))
 
-    # Finiteness (and the diagnostics) first, so the EMAs can be updated in place.
-    squares = T.tree_dots(*((g, g) for g in grads))
-    main_aux = T.tree_dots(*((main, a) for a in auxes))
-    finite = jnp.all(jnp.isfinite(squares))
+    # Finiteness (and the diagnostics) first, so the EMAs can be updated in
+    # place: the squared norms of every gradient, and <M, A_k>.
+    n = levels + 1
+    first = tm.safe_dots(grads, [(k, k) for k in range(n)] + [(0, k) for k in range(1, n)])
+    squares, main_aux = first.values[:n], first.values[n:]
+    finite = first.finite
 
     def average(e, g):
       b = beta.astype(e.dtype)
@@ -131,46 +134,48 @@ def hierarchical_bloop(
 
     emas = [jax.tree.map(average, e, g) for e, g in zip(state.level_emas, grads, strict=False)]
 
-    # Gram–Schmidt in coefficient space: Q_j = sum_l L[j, l] E_l.
-    # The Gram matrix is symmetric: one batched reduction per pair i <= j.
+    # Every inner product the surgery needs, in one call: the Gram matrix of
+    # the EMAs (symmetric: pairs i <= j) and cross[k - 1, l] = <A_k, E_l> for
+    # l < k. They are exact at any scale: each tree X is represented by
+    # X / 2**e_X, and the 2**e factors are put back in the final weights.
     upper = [(i, j) for i in range(levels) for j in range(i, levels)]
-    products = T.tree_dots(*((emas[i], emas[j]) for i, j in upper))
+    lower = [(levels + k - 1, j) for k in range(1, levels + 1) for j in range(k)]
+    dots = tm.safe_dots([*emas, *auxes], upper + lower, skip_slow=~finite)
+    products, crossed = dots.values[: len(upper)], dots.values[len(upper) :]
+    ema_exps, aux_exps = dots.exps[:levels], dots.exps[levels:]
     rows, cols = (list(index) for index in zip(*upper, strict=True))
     gram = jnp.zeros([levels, levels], products.dtype).at[rows, cols].set(products)
     gram = gram.at[cols, rows].set(products)
-    cross = jnp.stack(
-      [  # cross[k - 1, l] = <A_k, E_l>, used for l < k only
-        jnp.concatenate(
-          [
-            T.tree_dots(*((auxes[k - 1], emas[i]) for i in range(k))),
-            jnp.zeros([levels - k], gram.dtype),
-          ]
-        )
-        for k in range(1, levels + 1)
-      ]
-    )
+    rows, cols = (list(index) for index in zip(*lower, strict=True))
+    cross = jnp.zeros([levels, levels], products.dtype)
+    cross = cross.at[[r - levels for r in rows], cols].set(crossed)
+
+    # Gram–Schmidt in coefficient space over the rescaled EMAs:
+    # Q_j = sum_l basis[j, l] E_l / 2**e_l.
     tol = 16 * jnp.finfo(gram.dtype).eps
     basis = jnp.zeros([levels, levels], gram.dtype)
     norms = []
     for j in range(levels):
       row = jnp.zeros([levels], gram.dtype).at[j].set(1.0)
       for i in range(j):  # remove from E_j its components along Q_i
-        row = row - T._ratio(basis[i] @ gram[j], norms[i]) * basis[i]
+        row = row - tm.ratio(basis[i] @ gram[j], norms[i]) * basis[i]
       norm = row @ gram @ row
       alive = norm > tol * gram[j, j]
       basis = basis.at[j].set(jnp.where(alive, row, 0.0))
       norms.append(jnp.where(alive, norm, 0.0))
 
-    # D = M + sum_k λ_k A_k + sum_l w_l E_l.
+    # D = M + sum_k λ_k A_k + sum_l w_l E_l, where A_k's component along Q_j
+    # is 2**(e_Ak) <A_k / 2**e_Ak, Q_j> / <Q_j, Q_j> Q_j.
     weights = jnp.zeros([levels], gram.dtype)
     for k in range(1, levels + 1):
       for j in range(k):
-        coef = T._ratio(basis[j] @ cross[k - 1], norms[j])
-        weights = weights - lams[k - 1].astype(gram.dtype) * coef * basis[j]
+        coef = tm.ratio(basis[j] @ cross[k - 1], norms[j])
+        shift = aux_exps[k - 1] - ema_exps
+        weights = weights - jnp.ldexp(lams[k - 1].astype(gram.dtype) * coef * basis[j], shift)
 
     def direction(m, *rest):
       a_leaves, e_leaves = rest[:levels], rest[levels:]
-      dtype = T._wide(m.dtype, *(e.dtype for e in e_leaves))
+      dtype = tm.wide(m.dtype, *(e.dtype for e in e_leaves))
       out = m.astype(dtype)
       for lam, a in zip(lams, a_leaves, strict=True):
         out = out + lam.astype(dtype) * a.astype(dtype)
@@ -185,7 +190,7 @@ def hierarchical_bloop(
         finite, state.skipped_steps, optax.safe_increment(state.skipped_steps)
       ),
       level_emas=tuple(emas),
-      cos_main_aux=T._cosine(main_aux, squares[0], squares[1:]),
+      cos_main_aux=tm.cosine(main_aux, squares[0], squares[1:]),
     )
     return updates_out, new_state
 

@@ -9,8 +9,8 @@ from typing import NamedTuple
 import jax
 import optax
 
+from bloop_optax import _checks
 from bloop_optax import _pair
-from bloop_optax import _transforms as T
 
 PyTree = Any
 
@@ -97,7 +97,7 @@ def partition(
     )
 
   def update_fn(updates, state, params=None, **extra):
-    main, aux = T.check_pair(updates, api)
+    main, aux = _checks.check_pair(updates, api)
     labels = labels_for(main if params is None else params)
     label_leaves, treedef = jax.tree.flatten(labels)
     pieces, inner_states = {}, {}

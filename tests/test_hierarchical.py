@@ -80,7 +80,7 @@ def test_each_added_part_is_orthogonal_to_every_ema_above_it():
 def test_one_aux_loss_equals_bloop(beta):
   mains, aux1 = gradient_sequence(3)
   d_h, s_h = run(bloop_optax.hierarchical_bloop((0.8,), beta), mains, aux1)
-  d_b, s_b = run(bloop_optax.bloop(0.8, beta), mains, aux1)
+  d_b, s_b = run(bloop_optax.bloop(0.8, beta, track_cosine=True), mains, aux1)
   for got, want in zip(steps_of(d_h), steps_of(d_b), strict=True):
     assert_close(got, want, rtol=1e-5, atol=1e-5)
   assert_close(steps_of(s_h.level_emas[0])[-1], steps_of(s_b.main_ema)[-1], 1e-6, 1e-6)

@@ -110,7 +110,7 @@ def assert_close(actual, desired, rtol=2e-5, atol=2e-5):
 def test_bloop_matches_numpy_reference(order, beta, lam):
   mains, auxs = gradient_sequence(seed=1)
   directions, states = run(
-    bloop_optax.bloop(lam, beta, ema_order=order), mains, auxs, zeros_params()
+    bloop_optax.bloop(lam, beta, ema_order=order, track_cosine=True), mains, auxs, zeros_params()
   )
   ms, as_ = steps_of(mains), steps_of(auxs)
   ref_d, ref_e, ref_r = reference.bloop(ms, as_, lam, beta, order)
@@ -259,7 +259,7 @@ def test_zero_gradients_give_zero_coefficients():
   zero = zeros_params()
   a = random_tree(np.random.default_rng(7))
   for tx in [
-    bloop_optax.bloop(0.5),
+    bloop_optax.bloop(0.5, track_cosine=True),
     bloop_optax.dynamic_barrier(0.5),
     bloop_optax.pcgrad(0.5),
   ]:
@@ -374,10 +374,22 @@ def test_baselines_keep_bfloat16(factory):
   assert all(x.dtype == jnp.bfloat16 for x in jax.tree.leaves(directions))
 
 
+def test_cosine_is_opt_in():
+  mains, auxs = gradient_sequence(seed=15, steps=3)
+  d_off, s_off = run(bloop_optax.bloop(0.5), mains, auxs, zeros_params())
+  d_on, s_on = run(bloop_optax.bloop(0.5, track_cosine=True), mains, auxs, zeros_params())
+  assert s_off.cos_main_aux is None and s_on.cos_main_aux.shape == (3,)
+  for got, want in zip(steps_of(d_off), steps_of(d_on), strict=True):
+    np.testing.assert_array_equal(got, want)  # the flag changes nothing else
+
+
 def test_accumulator_dtype_option():
   mains, auxs = gradient_sequence(seed=14, steps=5)
   _, states = run(
-    bloop_optax.bloop(0.5, accumulator_dtype=jnp.bfloat16), mains, auxs, zeros_params()
+    bloop_optax.bloop(0.5, accumulator_dtype=jnp.bfloat16, track_cosine=True),
+    mains,
+    auxs,
+    zeros_params(),
   )
   assert all(x.dtype == jnp.bfloat16 for x in jax.tree.leaves(states.main_ema))
   assert states.cos_main_aux.dtype == jnp.float32 and states.proj_coef.dtype == jnp.float32

@@ -1,0 +1,244 @@
+"""Global inner products over pytrees, and the scalar maths built on them.
+
+Every inner product here is ONE sum over all the leaves of a pytree, taken
+leaf by leaf (a local reduction per leaf, then a sum of scalars), accumulated in
+at least float32. Leaves are never concatenated, so a sharded tree reduces
+locally and only scalars cross devices.
+
+Float32 sums of squares overflow for norms above about 1.8e19. Rather than
+return a finite but wrong coefficient, the transforms take their inner products
+through :func:`safe_dots`: when a fast sum is not finite, a slow path (a
+``lax.cond`` branch, so it costs nothing when it is not taken) rescales every
+tree by a power of two, recomputes the sums exactly, and returns them with
+their binary exponents. Ratios of inner products then come out exact whatever
+the scale of the gradients.
+"""
+
+from collections.abc import Sequence
+from typing import Any
+from typing import NamedTuple
+
+import jax
+from jax import lax
+import jax.numpy as jnp
+
+PyTree = Any
+
+
+def wide(*dtypes: Any) -> jnp.dtype:
+  """The widest of ``dtypes`` and float32 (explicit, so strict promotion holds)."""
+  return max((jnp.dtype(d) for d in (jnp.float32, *dtypes)), key=lambda d: d.itemsize)
+
+
+def acc_dtype(dtype: Any, accumulator_dtype: Any) -> jnp.dtype:
+  """The dtype of an accumulator for params of ``dtype``."""
+  if accumulator_dtype is not None:
+    return jnp.dtype(accumulator_dtype)
+  return wide(dtype)
+
+
+def zeros_accumulator(params: PyTree, accumulator_dtype: Any = None) -> PyTree:
+  """Zeros shaped (and sharded) like ``params``, in the accumulator dtype."""
+  return jax.tree.map(
+    lambda p: jnp.zeros_like(p, dtype=acc_dtype(p.dtype, accumulator_dtype)), params
+  )
+
+
+def _leaf_dot(x: jax.Array, y: jax.Array) -> jax.Array:
+  # A multiply-and-reduce in the wide dtype: exact float32 (or wider) products
+  # on every backend (a library dot may round its inputs to TF32 or bfloat16 on
+  # accelerators); XLA:CPU turns it into its own vectorised dot.
+  dtype = wide(x.dtype, y.dtype)
+  return jnp.sum(x.astype(dtype) * y.astype(dtype))
+
+
+def _global(x: PyTree, y: PyTree) -> jax.Array:
+  dots = jax.tree.leaves(jax.tree.map(_leaf_dot, x, y))
+  dtype = wide(*(d.dtype for d in dots))
+  return sum((d.astype(dtype) for d in dots), jnp.zeros((), dtype))
+
+
+def tree_dots(*pairs: tuple[PyTree, PyTree]) -> jax.Array:
+  """Global inner products ``[<x, y> for (x, y) in pairs]`` as one vector.
+
+  Each is one sum over every leaf of a multiply-and-reduce, accumulated in at
+  least float32.
+  """
+  values = [_global(x, y) for x, y in pairs]
+  dtype = wide(*(v.dtype for v in values))
+  return jnp.stack([v.astype(dtype) for v in values])
+
+
+def tree_dot(x: PyTree, y: PyTree) -> jax.Array:
+  """The global inner product ``<x, y>`` of two pytrees (real leaves).
+
+  One sum over every leaf, accumulated in at least float32.
+
+  Args:
+    x: a pytree of arrays.
+    y: a pytree with the structure and leaf shapes of ``x``.
+
+  Returns:
+    A scalar: the sum over leaves of ``vdot(x_leaf, y_leaf)``.
+
+  Examples:
+    >>> import jax.numpy as jnp
+    >>> import bloop_optax
+    >>> bloop_optax.tree_dot({"a": jnp.ones(2), "b": jnp.ones(())},
+    ...                      {"a": jnp.array([1.0, 2.0]), "b": jnp.array(3.0)})
+    Array(6., dtype=float32)
+  """
+  return tree_dots((x, y))[0]
+
+
+def ratio(num: jax.Array, den: jax.Array) -> jax.Array:
+  """``num / den`` for a squared norm ``den``, taken as 0 where ``den <= 0``.
+
+  The zero-norm rule of the projection. A squared norm is never negative;
+  ``<= 0`` also covers a Gram-Schmidt residual norm that rounding pushed just
+  below 0.
+  """
+  positive = den > 0
+  return jnp.where(positive, num / jnp.where(positive, den, 1), 0)
+
+
+def cosine(ma: jax.Array, mm: jax.Array, aa: jax.Array) -> jax.Array:
+  """``ma / (sqrt(mm) sqrt(aa))`` as float32, 0 when either norm is 0."""
+  return ratio(ma, jnp.sqrt(mm) * jnp.sqrt(aa)).astype(jnp.float32)
+
+
+def linear_combination(coefs: Sequence[jax.Array], trees: Sequence[PyTree]) -> PyTree:
+  """``sum_i coefs[i] * trees[i]`` leaf by leaf, in the dtype of ``trees[0]``.
+
+  One elementwise expression per leaf, which XLA fuses into whatever consumes
+  it (e.g. an optimizer's moment updates), so it is never stored.
+  """
+
+  def leaf(first, *rest):
+    dtype = wide(first.dtype, *(x.dtype for x in rest))
+    out = coefs[0].astype(dtype) * first.astype(dtype)
+    for c, x in zip(coefs[1:], rest, strict=True):
+      out = out + c.astype(dtype) * x.astype(dtype)
+    return out.astype(first.dtype)
+
+  return jax.tree.map(leaf, *trees)
+
+
+# ---------------------------------------------------------------- overflow
+
+
+class Dots(NamedTuple):
+  """Inner products, exact at any scale: ``<X_i, X_j> = value * 2**(e_i + e_j)``.
+
+  Attributes:
+    values: the inner products of the rescaled trees ``X_i / 2**e_i``, one per
+      requested pair.
+    exps: int32 binary exponent ``e_i`` of each tree (all 0 on the fast path).
+    finite: whether every tree is finite (no NaN, no Inf).
+  """
+
+  values: jax.Array
+  exps: jax.Array
+  finite: jax.Array
+
+
+def _exponent(m: jax.Array) -> jax.Array:
+  """``e`` with ``m = f * 2**e``, ``f`` in [0.5, 1); 0 for a zero or non-finite
+  ``m``."""
+  _, e = jnp.frexp(m)
+  return jnp.where(jnp.isfinite(m) & (m > 0), e, 0).astype(jnp.int32)
+
+
+def _scale_factors(e: jax.Array, dtype: Any) -> tuple[jax.Array, jax.Array]:
+  """Two powers of two whose product is ``2**-e``, neither subnormal (which a
+  flush-to-zero backend would read as 0), so scaling by them is exact."""
+  half = e // 2
+  one = jnp.ones((), dtype)
+  return jnp.ldexp(one, -half), jnp.ldexp(one, half - e)
+
+
+def _rescaled(trees: Sequence[PyTree], pairs: Sequence[tuple[int, int]], dtype) -> Dots:
+  """The slow path of :func:`safe_dots`.
+
+  Each leaf ``x`` is scaled by ``2**-e_x`` from its own largest magnitude (so
+  no product can overflow) and each leaf's sum is brought back to its tree's
+  exponent ``e_X`` (the largest of its leaves') by an exact power of two.
+
+  Each inner product is its own ``lax.cond`` branch taking the exponents as
+  operands: XLA then sees opaque scalars and fuses the scaling into the
+  reduction. A scaled leaf shared by two reductions, or one factor broadcast to
+  leaves of equal shape, would be stored instead: a parameter-sized
+  temporary.
+  """
+  maxima = [[jnp.max(jnp.abs(x), initial=0) for x in jax.tree.leaves(t)] for t in trees]
+  finite = jnp.all(jnp.stack([jnp.isfinite(m) for ms in maxima for m in ms]))
+  leaf_exps = [[_exponent(m.astype(wide(m.dtype))) for m in ms] for ms in maxima]
+  tree_exps = [jnp.max(jnp.stack(e)) if e else jnp.zeros([], jnp.int32) for e in leaf_exps]
+
+  def pair_dot(i, j):
+    def scaled(exps_x, exps_y, e_x, e_y):
+      total = jnp.zeros((), dtype)
+      leaves = zip(
+        jax.tree.leaves(trees[i]), jax.tree.leaves(trees[j]), exps_x, exps_y, strict=True
+      )
+      for x, y, ex, ey in leaves:
+        w = wide(x.dtype, y.dtype)
+        fx, fy = _scale_factors(ex, w), _scale_factors(ey, w)
+        part = jnp.sum((x.astype(w) * fx[0] * fx[1]) * (y.astype(w) * fy[0] * fy[1]))
+        total = total + jnp.ldexp(part, ex + ey - e_x - e_y).astype(dtype)  # shift <= 0
+      return total
+
+    def not_finite(*args):
+      del args
+      return jnp.full([], jnp.nan, dtype)
+
+    operands = (leaf_exps[i], leaf_exps[j], tree_exps[i], tree_exps[j])
+    return lax.cond(finite, scaled, not_finite, *operands)
+
+  values = jnp.stack([pair_dot(i, j) for i, j in pairs])
+  return Dots(values, jnp.stack(tree_exps), finite)
+
+
+def safe_dots(
+  trees: Sequence[PyTree],
+  pairs: Sequence[tuple[int, int]],
+  fast: jax.Array | None = None,
+  skip_slow: jax.Array | bool = False,
+) -> Dots:
+  """Inner products ``<trees[i], trees[j]>`` for ``(i, j)`` in ``pairs``.
+
+  The fast path is the plain float32 (or wider) sums, ``fast`` if given. Only
+  when one of them is not finite does a ``lax.cond`` branch find out why: it
+  reads the largest magnitude of every tree, so NaN and Inf inputs are told
+  apart from sums that overflowed, rescales each tree by a power of two (an
+  exact operation) and sums again. Then ``<X_i, X_j> = values * 2**(e_i + e_j)``
+  holds at any scale, and ``finite`` says whether the inputs were finite.
+
+  Args:
+    trees: the pytrees.
+    pairs: index pairs into ``trees``.
+    fast: the plain sums, if the caller has them already.
+    skip_slow: a boolean scalar; where true the slow path is not taken (e.g.
+      when the inputs are already known not to be finite).
+
+  Returns:
+    :class:`Dots`.
+  """
+  if fast is None:
+    fast = tree_dots(*((trees[i], trees[j]) for i, j in pairs))
+  n = len(trees)
+
+  def fast_path():
+    return Dots(fast, jnp.zeros([n], jnp.int32), jnp.ones([], bool))
+
+  def slow_path():
+    return _rescaled(trees, pairs, fast.dtype)
+
+  overflow = ~jnp.all(jnp.isfinite(fast)) & ~jnp.asarray(skip_slow)
+  return lax.cond(overflow, slow_path, fast_path)
+
+
+def scaled_ratio(num: jax.Array, den: jax.Array, exp: jax.Array) -> jax.Array:
+  """``(num / den) * 2**exp`` with the zero-norm rule of :func:`ratio`."""
+  r = ratio(num, den)
+  return jnp.ldexp(r, exp.astype(jnp.int32))
