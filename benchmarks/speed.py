@@ -2,14 +2,19 @@
 
 Usage (from the repository root)::
 
-  python -m benchmarks.speed            # optimizer step, memory, full steps
+  python -m benchmarks.speed            # optimizer step (8 and ~200 leaves), full steps
   python -m benchmarks.speed --quick    # small sizes, few rounds (smoke test)
-  python -m benchmarks.speed --devices 8  # also the 8-device scaling table (CPU)
+  python -m benchmarks.speed --devices 8  # the 8-device scaling table (CPU) instead
 
 Every comparison is measured in one process, interleaving the variants round
 by round (so machine noise hits all of them alike), with donated buffers, and
-reported as the median over rounds divided by the baseline's median. Results
-go to ``benchmarks/results/speed_<backend>.json``. Nothing here is asserted.
+reported as the median over rounds divided by the baseline's median. Beside
+the times, each optimizer-step row gives what a noisy machine cannot move:
+XLA's cost-analysis bytes per parameter and the number of fusions, both for
+the executed path of an ordinary step (the overflow branch of the surgery
+stubbed out; it runs only when a float32 sum overflows) and for the whole
+program. Results go to ``benchmarks/results/speed_<backend>.json``. Nothing
+here is asserted.
 
 Memory-traffic floors (float32 words per parameter that a step must read and
 write; an optimizer step here is ``tx.update`` plus ``apply_updates``):
@@ -40,25 +45,41 @@ RESULTS = pathlib.Path(__file__).parent / "results"
 FLOOR_WORDS = {
   "adam": 7,
   "mixed+adam": 8,
-  "bloop+adam": 13,
-  "bloop(bf16 EMA)+adam": 11.5,
   "naive bloop+adam": 13,
+  "bloop+adam": 13,
+  "bloop(project_first)+adam": 13,
+  "bloop(track_cosine)+adam": 13,
+  "bloop(bf16 EMA)+adam": 11.5,
 }
 
 
-def _params(n_total: int, seed: int = 0):
-  """About ``n_total`` float32 parameters over 8 leaves of different shapes."""
+def _params(n_total: int, seed: int = 0, leaves: int = 8):
+  """About ``n_total`` float32 parameters over ``leaves`` leaves.
+
+  ``leaves=8``: eight matrices of different sizes. More leaves: the layout of
+  a transformer, repeated blocks of (d, d) and (d, 4d) weight matrices, each
+  followed by (d,) bias and norm vectors, so a third of the leaves are small
+  vectors and many leaves share a shape.
+  """
   import jax.numpy as jnp
 
   rng = np.random.default_rng(seed)
-  fractions = [0.3, 0.25, 0.15, 0.1, 0.08, 0.06, 0.04, 0.02]
-  tree = {}
-  for i, f in enumerate(fractions):
-    size = max(int(n_total * f), 1)
-    cols = 256 if size >= 256 * 4 else 1
-    shape = (size // cols, cols) if cols > 1 else (size,)
-    tree[f"leaf{i}"] = jnp.asarray(rng.standard_normal(shape), jnp.float32)
-  return tree
+  if leaves == 8:
+    fractions = [0.3, 0.25, 0.15, 0.1, 0.08, 0.06, 0.04, 0.02]
+    shapes = []
+    for f in fractions:
+      size = max(int(n_total * f), 1)
+      cols = 256 if size >= 256 * 4 else 1
+      shapes.append((size // cols, cols) if cols > 1 else (size,))
+  else:
+    blocks = leaves // 6  # per block: 2 matrices and 4 vectors
+    width = max(int(np.sqrt(n_total / (blocks * 6))) // 8 * 8, 8)
+    shapes = []
+    for _ in range(blocks):
+      shapes += [(width, width), (width,), (width, 4 * width), (4 * width,), (width,), (width,)]
+  return {
+    f"leaf{i:03d}": jnp.asarray(rng.standard_normal(s), jnp.float32) for i, s in enumerate(shapes)
+  }
 
 
 def naive_bloop(aux_weight: float, ema_decay: float):
@@ -83,23 +104,78 @@ def naive_bloop(aux_weight: float, ema_decay: float):
   return optax.GradientTransformation(init, update)
 
 
-def _optimizers():
+def _optimizers(with_bf16: bool):
   import jax.numpy as jnp
   import optax
 
   import bloop_optax
 
   adam = lambda: optax.adam(1e-3)
-  return {
+  variants = {
     "adam": (adam(), False),
     "mixed+adam": (optax.chain(bloop_optax.mixed(0.1), adam()), True),
+    "naive bloop+adam": (optax.chain(naive_bloop(0.1, 0.99), adam()), True),
     "bloop+adam": (optax.chain(bloop_optax.bloop(0.1, 0.99), adam()), True),
-    "bloop(bf16 EMA)+adam": (
-      optax.chain(bloop_optax.bloop(0.1, 0.99, accumulator_dtype=jnp.bfloat16), adam()),
+    "bloop(project_first)+adam": (
+      optax.chain(bloop_optax.bloop(0.1, 0.99, ema_order="project_first"), adam()),
       True,
     ),
-    "naive bloop+adam": (optax.chain(naive_bloop(0.1, 0.99), adam()), True),
+    "bloop(track_cosine)+adam": (
+      optax.chain(bloop_optax.bloop(0.1, 0.99, track_cosine=True), adam()),
+      True,
+    ),
   }
+  if with_bf16:
+    variants["bloop(bf16 EMA)+adam"] = (
+      optax.chain(bloop_optax.bloop(0.1, 0.99, accumulator_dtype=jnp.bfloat16), adam()),
+      True,
+    )
+  return variants
+
+
+def hlo_stats(lowered, count: int) -> dict:
+  """Cost-analysis bytes per float32 parameter and fusion counts of a program.
+
+  ``*_executed`` covers the entry computation of a program compiled with the
+  surgery's overflow branch stubbed out: what an ordinary step runs. The plain
+  figures cover every computation, branches included (XLA's cost analysis
+  adds up both sides of a conditional).
+  """
+  import re
+
+  compiled = lowered.compile()
+  analysis = compiled.cost_analysis()
+  analysis = analysis[0] if isinstance(analysis, list) else analysis
+  text = compiled.as_text()
+  entry = text[text.index("ENTRY") :]
+  fusion = re.compile(r"=\s*\S+\s+fusion\(")
+  return {
+    "bytes_per_param": analysis["bytes accessed"] / 4 / count,
+    "fusions": len(fusion.findall(text)),
+    "entry_fusions": len(fusion.findall(entry)),
+    "conditionals": text.count(" conditional("),
+  }
+
+
+class overflow_branch_stubbed:
+  """Within: the surgery's overflow branch is a no-op (for cost analysis only)."""
+
+  def __enter__(self):
+    import jax.numpy as jnp
+
+    from bloop_optax import _tree_math
+
+    self._module, self._saved = _tree_math, _tree_math._rescaled
+
+    def stub(trees, pairs, dtype):
+      return _tree_math.Dots(
+        jnp.zeros([len(pairs)], dtype), jnp.zeros([len(trees)], jnp.int32), jnp.ones([], bool)
+      )
+
+    _tree_math._rescaled = stub
+
+  def __exit__(self, *exc):
+    self._module._rescaled = self._saved
 
 
 def _time_interleaved(fns: dict, rounds: int, inner: int) -> dict[str, float]:
@@ -122,17 +198,17 @@ def _time_interleaved(fns: dict, rounds: int, inner: int) -> dict[str, float]:
   return {name: statistics.median(s) for name, s in samples.items()}
 
 
-def _optimizer_step_at(n, rounds, inner):
+def _optimizer_step_at(n, leaves, rounds, inner):
   import jax
   import optax
 
   import bloop_optax
 
-  params = _params(n)
+  params = _params(n, leaves=leaves)
   count = sum(x.size for x in jax.tree.leaves(params))
-  main, aux = _params(n, seed=1), _params(n, seed=2)
-  fns, memory = {}, {}
-  for name, (tx, takes_pair) in _optimizers().items():
+  main, aux = _params(n, seed=1, leaves=leaves), _params(n, seed=2, leaves=leaves)
+  fns, stats = {}, {}
+  for name, (tx, takes_pair) in _optimizers(with_bf16=leaves == 8).items():
     grads = bloop_optax.MainAux(main, aux) if takes_pair else main
 
     # The gradients are arguments, not closed-over constants that XLA would
@@ -150,11 +226,20 @@ def _optimizer_step_at(n, rounds, inner):
       return (*jitted(*carry), carry[2])
 
     fns[name] = (init, call)
-    analysis = jitted.lower(*init()).compile().memory_analysis()
-    memory[name] = {
+    lowered = jitted.lower(*init())
+    analysis = lowered.compile().memory_analysis()
+    whole = hlo_stats(lowered, count)
+    with overflow_branch_stubbed():
+      # A new function, so that jit traces again instead of reusing its cache.
+      fresh = lambda p, s, g, step=step: step(p, s, g)
+      executed = hlo_stats(jax.jit(fresh, donate_argnums=(0, 1)).lower(*init()), count)
+    stats[name] = {
       "temp_bytes": int(analysis.temp_size_in_bytes),
-      "argument_bytes": int(analysis.argument_size_in_bytes),
-      "output_bytes": int(analysis.output_size_in_bytes),
+      "bytes_per_param_executed": executed["bytes_per_param"],
+      "fusions_executed": executed["entry_fusions"],
+      "bytes_per_param_all_code": whole["bytes_per_param"],
+      "fusions_all_code": whole["fusions"],
+      "conditionals": whole["conditionals"],
     }
   times = _time_interleaved(fns, rounds, inner)
   rows = []
@@ -162,21 +247,28 @@ def _optimizer_step_at(n, rounds, inner):
     rows.append(
       {
         "params": count,
+        "leaves": len(jax.tree.leaves(params)),
         "variant": name,
         "seconds": t,
         "ratio_to_mixed_adam": t / times["mixed+adam"],
+        "ratio_to_naive": t / times["naive bloop+adam"],
         "floor_ratio_to_mixed_adam": FLOOR_WORDS[name] / FLOOR_WORDS["mixed+adam"],
         "achieved_GBps_at_floor": 4 * FLOOR_WORDS[name] * count / t / 1e9,
         "param_bytes": 4 * count,
-        **memory[name],
+        **stats[name],
       }
     )
   return rows
 
 
-def optimizer_step(sizes, rounds, inner):
-  """Table 1: the optimizer step at several sizes, and its memory analysis."""
-  return [row for n in sizes for row in _optimizer_step_at(n, rounds, inner)]
+def optimizer_step(sizes, leaf_counts, rounds, inner):
+  """Table 1: the optimizer step at several sizes and leaf counts."""
+  return [
+    row
+    for leaves in leaf_counts
+    for n in sizes
+    for row in _optimizer_step_at(n, leaves, rounds, inner)
+  ]
 
 
 # ---------------------------------------------------------------- full steps
@@ -407,12 +499,25 @@ def _table(rows, columns):
 
 
 def main(argv=None):
-  parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-  parser.add_argument("--quick", action="store_true")
-  parser.add_argument(
-    "--devices", type=int, default=0, help="run the scaling table on N CPU devices"
+  parser = argparse.ArgumentParser(
+    description=__doc__.split("\n")[0],
+    formatter_class=argparse.ArgumentDefaultsHelpFormatter,
   )
-  parser.add_argument("--out", type=pathlib.Path, default=RESULTS)
+  parser.add_argument(
+    "--quick",
+    action="store_true",
+    help="small sizes (65k and 262k params) and 3 rounds of 2 calls: a smoke test, not a"
+    " measurement; writes *_quick.json",
+  )
+  parser.add_argument(
+    "--devices",
+    type=int,
+    default=0,
+    help="if N > 0, force N CPU devices and run only the sharded scaling table",
+  )
+  parser.add_argument(
+    "--out", type=pathlib.Path, default=RESULTS, help="folder for the JSON results"
+  )
   args = parser.parse_args(argv)
   if args.devices:
     # Must happen before JAX starts: run the scaling table in this process only.
@@ -440,20 +545,22 @@ def main(argv=None):
     name = f"speed_scaling_{report['machine']['backend']}.json"
   else:
     sizes = [2**16, 2**18] if args.quick else [2**20, 2**23, 2**25]
-    report["optimizer_step"] = optimizer_step(sizes, rounds, inner)
-    print("== optimizer step (tx.update + apply_updates), ratios to chain(mixed, adam)")
+    report["optimizer_step"] = optimizer_step(sizes, [8, 200], rounds, inner)
+    print("== optimizer step (tx.update + apply_updates)")
     print(
       _table(
         report["optimizer_step"],
         [
           ("params", 10, str),
-          ("variant", 18, str),
-          ("seconds", 11, g),
+          ("leaves", 7, str),
+          ("variant", 27, str),
+          ("seconds", 10, g),
           ("ratio_to_mixed_adam", 20, lambda x: f"{x:.3f}"),
-          ("floor_ratio_to_mixed_adam", 26, lambda x: f"{x:.3f}"),
-          ("achieved_GBps_at_floor", 23, lambda x: f"{x:.2f}"),
+          ("ratio_to_naive", 15, lambda x: f"{x:.3f}"),
+          ("bytes_per_param_executed", 25, lambda x: f"{x:.2f}"),
+          ("fusions_executed", 17, str),
+          ("bytes_per_param_all_code", 25, lambda x: f"{x:.2f}"),
           ("temp_bytes", 12, str),
-          ("param_bytes", 12, str),
         ],
       )
     )
