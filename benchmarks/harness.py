@@ -45,6 +45,14 @@ class Task:
     scales: ("log" or "linear") for the (main, aux) axes of plots and
       hypervolumes.
     labels: axis labels (main, aux).
+    eval_every: epochs between two evaluations (``epochs`` must be a
+      multiple); the trajectories hold ``epochs // eval_every + 1`` points.
+    augment: ``(key, train_data) -> train_data`` drawn anew every epoch
+      (e.g. fresh overlay partners), or None.
+    chance: the main loss of the best constant prediction per panel
+      (``{"train": ..., "test": ...}``), or None where there is no such
+      thing; a run that ends there has learnt nothing.
+    protocol: the settings to record beside the results.
   """
 
   name: str
@@ -60,10 +68,22 @@ class Task:
   reshuffle: bool = True
   scales: tuple[str, str] = ("log", "linear")
   labels: tuple[str, str] = ("main loss", "aux loss")
+  eval_every: int = 1
+  augment: Callable[[jax.Array, tuple[jax.Array, ...]], tuple[jax.Array, ...]] | None = None
+  chance: dict[str, float] | None = None
+  protocol: dict[str, Any] = dataclasses.field(default_factory=dict)
 
   @property
   def steps_per_epoch(self) -> int:
     return len(self.train_data[0]) // self.batch_size
+
+  @property
+  def total_steps(self) -> int:
+    return self.epochs * self.steps_per_epoch
+
+  @property
+  def evaluations(self) -> int:
+    return self.epochs // self.eval_every
 
 
 def run_method(
@@ -77,9 +97,11 @@ def run_method(
   """Trains ``method`` for every (aux_weight, seed); returns per-epoch metrics.
 
   Returns:
-    metric name -> array of shape ``[len(aux_weights), seeds, epochs + 1]``
+    metric name -> array of shape ``[len(aux_weights), seeds, evaluations + 1]``
     (index 0 of the last axis is before training).
   """
+  if task.epochs % task.eval_every:
+    raise ValueError(f"{task.name}: epochs={task.epochs} is not a multiple of eval_every")
   lams = jnp.repeat(jnp.asarray(task.aux_weights, jnp.float32), seeds)
   keys = jax.random.split(jax.random.key(0), seeds)
   keys = jnp.tile(keys, (len(task.aux_weights),))
@@ -93,7 +115,7 @@ def run_method(
     params, model_state = task.init(jax.random.fold_in(key, 0))
     return params, model_state, chain(lam).init(params)
 
-  def epochs(carry, lam, key, first_epoch, count):
+  def blocks(carry, lam, key, first_block, count):
     tx = chain(lam)
 
     def step(carry, batch):
@@ -104,33 +126,40 @@ def run_method(
 
     def epoch(carry, index):
       epoch_key = jax.random.fold_in(key, 1 + index * task.reshuffle)
-      order = jax.random.permutation(epoch_key, len(task.train_data[0]))[:n]
+      data = task.train_data
+      if task.augment is not None:
+        data = task.augment(jax.random.fold_in(jax.random.fold_in(key, 2**20), index), data)
+      order = jax.random.permutation(epoch_key, len(data[0]))[:n]
       batches = jax.tree.map(
-        lambda x: x[order].reshape(task.steps_per_epoch, task.batch_size, *x.shape[1:]),
-        task.train_data,
+        lambda x: x[order].reshape(task.steps_per_epoch, task.batch_size, *x.shape[1:]), data
       )
       carry, _ = jax.lax.scan(step, carry, batches)
+      return carry, None
+
+    def block(carry, index):  # eval_every epochs, then one evaluation
+      epochs = index * task.eval_every + jnp.arange(task.eval_every)
+      carry, _ = jax.lax.scan(epoch, carry, epochs)
       return carry, task.evaluate(carry[0], carry[1])
 
-    return jax.lax.scan(epoch, carry, first_epoch + jnp.arange(count))
+    return jax.lax.scan(block, carry, first_block + jnp.arange(count))
 
   carry = jax.jit(jax.vmap(start))(lams, keys)
   first = jax.jit(jax.vmap(lambda c: task.evaluate(c[0], c[1])))(carry)
   history = [jax.tree.map(lambda x: x[:, None], first)]
-  run_chunk = jax.jit(jax.vmap(epochs, in_axes=(0, 0, 0, None, None)), static_argnums=(4,))
-  if chunk is None:  # epochs per compiled call: the progress bar's granularity
-    chunk = 1 if task.epochs <= 10 else 10
+  run_chunk = jax.jit(jax.vmap(blocks, in_axes=(0, 0, 0, None, None)), static_argnums=(4,))
+  if chunk is None:  # evaluations per compiled call: the progress bar's granularity
+    chunk = max(1, task.evaluations // 20)
   done = 0
-  while done < task.epochs:
-    count = min(chunk, task.epochs - done)
+  while done < task.evaluations:
+    count = min(chunk, task.evaluations - done)
     carry, metrics = run_chunk(carry, lams, keys, done, count)
     # Dispatch is asynchronous: wait, so the progress bar shows finished work.
     history.append(jax.block_until_ready(metrics))
     done += count
     if progress is not None:
-      progress.update(count)
+      progress.update(count * task.eval_every * task.steps_per_epoch)
   out = {k: np.concatenate([np.asarray(h[k]) for h in history], axis=1) for k in first}
-  shape = (len(task.aux_weights), seeds, task.epochs + 1)
+  shape = (len(task.aux_weights), seeds, task.evaluations + 1)
   return {k: v.reshape(shape) for k, v in out.items()}
 
 
@@ -138,7 +167,7 @@ def run_task(task: Task, seeds: int, methods: list[str] | None = None) -> dict[s
   """Runs every method of ``task``; returns ``{method: metrics}``."""
   names = list(task.methods) if methods is None else methods
   results = {}
-  with tqdm(total=len(names) * task.epochs, desc=task.name, unit="epoch") as bar:
+  with tqdm(total=len(names) * task.total_steps, desc=task.name, unit="step") as bar:
     for name in names:
       bar.set_postfix_str(name)
       results[name] = run_method(task, task.methods[name], seeds, progress=bar)

@@ -1,10 +1,18 @@
-"""Pareto fronts of (main, aux) end points, their hypervolume, tables and plots.
+"""Pareto fronts of (main, aux) end points: matched-loss comparisons,
+hypervolumes, tables and plots.
 
-The comparison: for every method and seed, the end points over the aux-weight
-grid form a set in the (main, aux) plane (both minimised; log10 where the task
-says so). Its dominated hypervolume against one reference point, shared by all
-methods of the task, is the score (larger is better): see
-:func:`reference_point`. Mean and spread are over seeds.
+For every method and seed, the end points over the aux-weight grid form a set
+in the (main, aux) plane (both minimised; log10 where the task says so).
+
+* The headline, :func:`matched_loss`: at main-loss levels inside the range
+  that every method and seed reaches, the lowest aux each method attains with
+  its main loss at or below the level (interpolated along its front, never
+  extrapolated), as a mean and a 95% interval over seeds. A method wins a
+  level only where the intervals do not overlap.
+* A secondary score, :func:`hypervolume`: the area a front dominates, bounded
+  by a reference point whose main coordinate is at or below chance (the best
+  constant prediction) and the untrained model's loss, so a run that ends
+  there, e.g. collapsed, earns exactly nothing.
 """
 
 from typing import Any
@@ -70,13 +78,15 @@ def end_points(metrics: dict[str, np.ndarray], panel: str, scales) -> np.ndarray
   )
 
 
-def reference_point(results: dict[str, dict], panel: str, scales) -> np.ndarray:
+def reference_point(results: dict[str, dict], panel: str, scales, chance=None) -> np.ndarray:
   """One reference point per task and panel, shared by every method.
 
-  Main axis: the untrained model's main loss (mean over runs), so a run that
-  ends no better than where it started (e.g. Mixed collapsing to chance at a
-  large aux weight) earns no area. Aux axis: the worst final or initial aux
-  value over all runs plus 5% of the final range, so every end point counts.
+  Main axis: the lower of the untrained model's main loss (mean over runs) and
+  ``chance[panel]`` (the best constant prediction's loss, where the task has
+  one), so a run that ends no better than either (e.g. Mixed collapsing to
+  chance at a large aux weight) earns no area. Aux axis: the worst final or
+  initial aux value over all runs plus 5% of the final range, so every useful
+  end point counts.
   """
   initial_main, initial_aux, final_aux = [], [], []
   for metrics in results.values():
@@ -88,14 +98,118 @@ def reference_point(results: dict[str, dict], panel: str, scales) -> np.ndarray:
   final_aux, initial_aux = finite(final_aux), finite(initial_aux)
   spread = max(final_aux.max() - final_aux.min(), 1e-12)
   worst_aux = max(final_aux.max(), initial_aux.max())
-  return np.array([np.nanmean(np.concatenate(initial_main)), worst_aux + 0.05 * spread])
+  main_ref = np.nanmean(np.concatenate(initial_main))
+  if chance is not None and panel in chance:
+    main_ref = min(main_ref, float(transform(np.asarray(chance[panel]), scales[0])))
+  return np.array([main_ref, worst_aux + 0.05 * spread])
 
 
-def compare(results: dict[str, dict], scales) -> dict[str, Any]:
-  """Hypervolume per method, panel and seed, with mean and std over seeds."""
-  summary: dict[str, Any] = {"reference": {}, "methods": {}}
+# ---------------------------------------------------------------- matched loss
+
+
+def front_curve(points: np.ndarray, reference_main: float) -> np.ndarray:
+  """The Pareto front of ``points`` ([n, 2], transformed) as a sorted polyline.
+
+  Non-finite points and points at or above ``reference_main`` (no better than
+  chance or the untrained model) are dropped. Rows are sorted by main loss,
+  so the aux values decrease along the rows.
+  """
+  points = np.asarray(points, np.float64)
+  points = points[np.isfinite(points).all(axis=1) & (points[:, 0] < reference_main)]
+  if len(points) == 0:
+    return points.reshape(0, 2)
+  front = points[non_dominated(points)]
+  return front[np.argsort(front[:, 0])]
+
+
+def aux_at(front: np.ndarray, level: float) -> float:
+  """Lowest aux with main <= ``level`` along a front, linearly interpolated
+  between its points (transformed units); NaN below the front's best main."""
+  if len(front) == 0 or level < front[0, 0]:
+    return float("nan")
+  if level >= front[-1, 0]:
+    return float(front[-1, 1])
+  k = int(np.searchsorted(front[:, 0], level, side="right")) - 1
+  (x0, y0), (x1, y1) = front[k], front[k + 1]
+  return float(y0 + (y1 - y0) * (level - x0) / (x1 - x0))
+
+
+def _interval(values: np.ndarray) -> tuple[float, float, float]:
+  """Mean and the 95% Student-t interval over seeds."""
+  from scipy import stats
+
+  values = np.asarray(values, np.float64)
+  mean = float(values.mean())
+  if len(values) < 2:
+    return mean, mean, mean
+  half = float(stats.t.ppf(0.975, len(values) - 1) * values.std(ddof=1) / np.sqrt(len(values)))
+  return mean, mean - half, mean + half
+
+
+def matched_loss(
+  results: dict[str, dict], panel: str, scales, chance=None, levels: int = 6
+) -> dict[str, Any]:
+  """Lowest aux per method at matched main-loss levels, with 95% intervals.
+
+  Each seed's front is the non-dominated set of its end points over the aux
+  weights. The levels are spread evenly (in the task's main scale) over the
+  range that every (method, seed) front covers: from the largest of their
+  best main losses to the smallest of their main losses at their lowest aux.
+  Outside that range one method would be compared with nothing, so no level
+  goes there. Values are in the task's aux units.
+
+  Returns:
+    ``{"levels": [...], "methods": {name: [{"mean", "low", "high"} or None]},
+    "verdicts": {name: ["win" | "tie" | "loss" per level]}}`` where a verdict
+    compares ``bloop`` (the method whose name is exactly "bloop", if any)
+    with that method: "win" where Bloop's interval lies entirely below.
+  """
+  reference = reference_point(results, panel, scales, chance)[0]
+  fronts = {
+    name: [
+      front_curve(end_points(metrics, panel, scales)[:, s], reference)
+      for s in range(next(iter(metrics.values())).shape[1])
+    ]
+    for name, metrics in results.items()
+  }
+  all_fronts = [f for per_seed in fronts.values() for f in per_seed]
+  if any(len(f) == 0 for f in all_fronts):
+    return {"levels": [], "methods": {}, "verdicts": {}, "note": "a front is empty"}
+  low = max(f[0, 0] for f in all_fronts)
+  high = min(f[-1, 0] for f in all_fronts)
+  if not low < high:
+    return {"levels": [], "methods": {}, "verdicts": {}, "note": "the fronts do not overlap"}
+  grid = np.linspace(low, high, levels)
+  back_main = (lambda v: 10**v) if scales[0] == "log" else (lambda v: v)
+  back_aux = (lambda v: 10**v) if scales[1] == "log" else (lambda v: v)
+  table: dict[str, Any] = {"levels": [float(back_main(g)) for g in grid], "methods": {}}
+  for name, per_seed in fronts.items():
+    row = []
+    for g in grid:
+      values = np.array([aux_at(f, g) for f in per_seed])
+      mean, lo, hi = _interval(values)  # in transformed units, then back
+      row.append({"mean": back_aux(mean), "low": back_aux(lo), "high": back_aux(hi)})
+    table["methods"][name] = row
+  verdicts = {}
+  if "bloop" in table["methods"]:
+    ours = table["methods"]["bloop"]
+    for name, row in table["methods"].items():
+      if name == "bloop":
+        continue
+      verdicts[name] = [
+        "win" if a["high"] < b["low"] else "loss" if b["high"] < a["low"] else "tie"
+        for a, b in zip(ours, row, strict=True)
+      ]
+  table["verdicts"] = verdicts
+  return table
+
+
+def compare(results: dict[str, dict], scales, chance=None) -> dict[str, Any]:
+  """Matched-loss tables, and hypervolume per method, panel and seed."""
+  summary: dict[str, Any] = {"reference": {}, "methods": {}, "matched_loss": {}}
   for panel in PANELS:
-    ref = reference_point(results, panel, scales)
+    ref = reference_point(results, panel, scales, chance)
+    summary["matched_loss"][panel] = matched_loss(results, panel, scales, chance)
     summary["reference"][panel] = ref.tolist()
     for name, metrics in results.items():
       pts = end_points(metrics, panel, scales)
@@ -106,8 +220,8 @@ def compare(results: dict[str, dict], scales) -> dict[str, Any]:
         "mean": float(np.mean(per_seed)),
         "std": float(np.std(per_seed)),
         "diverged_runs": int((~np.isfinite(pts).all(axis=-1)).sum()),
+        "collapsed_runs": int((pts[..., 0] >= ref[0]).sum()),
       }
-    summary.setdefault("attainment", {})[panel] = attainment(results, panel, scales)
   return summary
 
 
@@ -116,33 +230,28 @@ def _final_mean(metrics: dict[str, np.ndarray], key: str) -> np.ndarray:
   return np.nanmean(np.asarray(metrics[key][..., -1], np.float64), axis=1)
 
 
-def attainment(results: dict[str, dict], panel: str, scales, levels: int = 8) -> dict[str, Any]:
-  """The lowest aux each method reaches with its main loss at most L.
-
-  End points are averaged over seeds per aux weight. The levels L are spread
-  (in the task's main scale) between the best and the worst final main loss
-  that beat the untrained model. No interpolation: a level a method never
-  reaches is None.
-  """
-  ends = {}
-  for name, metrics in results.items():
-    main, aux = _axes(metrics, panel)
-    ends[name] = np.stack([_final_mean(metrics, main), _final_mean(metrics, aux)], axis=-1)
-  finals = np.concatenate([e[:, 0] for e in ends.values()])
-  reference = reference_point(results, panel, scales)[0]
-  useful = finals[transform(finals, scales[0]) < reference]
-  best, worst = np.nanmin(finals), np.nanmax(useful) if useful.size else np.nanmax(finals)
-  grid = np.linspace(transform(best, scales[0]), transform(worst, scales[0]), levels)
-  level_values = 10**grid if scales[0] == "log" else grid
-  level_values[0], level_values[-1] = best, worst  # exactly, no log round trip
-  table = {"levels": level_values.tolist(), "methods": {}}
-  for name, e in ends.items():
-    row = []
-    for level in level_values:
-      ok = e[:, 0] <= level
-      row.append(float(np.nanmin(e[ok, 1])) if ok.any() else None)
-    table["methods"][name] = row
-  return table
+def format_matched(task_name: str, table: dict[str, Any], panel: str) -> str:
+  """The matched-loss table as text: mean [95% interval] per method and level."""
+  where = "train" if panel == "train" else "held-out"
+  lines = [
+    f"== {task_name}: lowest aux with {where} main loss <= L, mean [95% interval] over seeds",
+  ]
+  if not table["levels"]:
+    return "\n".join([*lines, f"   (no common range: {table.get('note', '')})"])
+  names = list(table["methods"])
+  width = max(26, *(len(n) + 2 for n in names))
+  header = f"{'L':>10}" + "".join(f"{n:>{width}}" for n in names)
+  if table["verdicts"]:
+    header += "   bloop vs " + ", ".join(table["verdicts"])
+  lines += [header, "-" * len(header)]
+  for j, level in enumerate(table["levels"]):
+    cells = "".join(
+      f"{c['mean']:>{width - 17}.4g} [{c['low']:.3g}, {c['high']:.3g}]".rjust(width)
+      for c in (table["methods"][n][j] for n in names)
+    )
+    verdict = ", ".join(v[j] for v in table["verdicts"].values())
+    lines.append(f"{level:>10.4g}{cells}   {verdict}")
+  return "\n".join(lines)
 
 
 def format_tables(task, results: dict[str, dict], summary: dict[str, Any]) -> str:
@@ -152,104 +261,130 @@ def format_tables(task, results: dict[str, dict], summary: dict[str, Any]) -> st
     for k in ("main_train", "main_test", "aux", "aux_test", "aux_2")
     if k in next(iter(results.values()))
   ]
-  header = f"{'method':<22}{'aux_weight':>11}" + "".join(f"{k:>12}" for k in keys)
+  header = f"{'method':<26}{'aux_weight':>11}" + "".join(f"{k:>12}" for k in keys)
   lines = [f"== {task.name}: final values, mean over seeds", header, "-" * len(header)]
   for name, metrics in results.items():
     for i, lam in enumerate(task.aux_weights):
       row = "".join(f"{np.nanmean(metrics[k][i, :, -1]):>12.4g}" for k in keys)
-      lines.append(f"{name:<22}{lam:>11.3g}{row}")
+      lines.append(f"{name:<26}{lam:>11.3g}{row}")
+  for panel in PANELS:
+    lines += ["", format_matched(task.name, summary["matched_loss"][panel], panel)]
   lines += [
     "",
-    f"== {task.name}: Pareto hypervolume (higher is better), mean +- std over seeds",
+    f"== {task.name}: Pareto hypervolume (secondary; higher is better), mean +- std over seeds",
   ]
-  header = f"{'method':<22}{'train front':>22}{'held-out front':>22}"
+  header = f"{'method':<26}{'train front':>22}{'held-out front':>22}{'collapsed runs':>16}"
   lines += [header, "-" * len(header)]
   for name, entry in summary["methods"].items():
     cells = "".join(f"{entry[p]['mean']:>14.4f} +- {entry[p]['std']:<5.3f}" for p in PANELS)
-    lines.append(f"{name:<22}{cells}")
-  for panel in PANELS:
-    table = summary["attainment"][panel]
-    lines += [
-      "",
-      f"== {task.name}: lowest {panel} aux reached with {panel} main loss <= L"
-      " (mean end points; * = best)",
-    ]
-    width = max(14, *(len(name) + 2 for name in table["methods"]))
-    lines.append(f"{'L':>10}" + "".join(f"{name:>{width}}" for name in table["methods"]))
-    for j, level in enumerate(table["levels"]):
-      values = [row[j] for row in table["methods"].values()]
-      best = min((v for v in values if v is not None), default=None)
-      cells = "".join(
-        f"{'-':>{width}}" if v is None else f"{v:>{width - 1}.4g}{'*' if v == best else ' '}"
-        for v in values
-      )
-      lines.append(f"{level:>10.3g}{cells}")
+    lines.append(f"{name:<26}{cells}{entry['train']['collapsed_runs']:>16}")
   return "\n".join(lines)
 
 
-def plot(task, results: dict[str, dict], path: str) -> None:
-  """Two panels (train, held-out): faint trajectories, end points, fronts."""
+def _front_panel(ax, task, results, panel, chance, colors) -> None:
+  """End points (mean over seeds), faint trajectories and fronts of one panel.
+
+  Runs that end at or above the reference (chance or the untrained loss) are
+  drawn on the top edge with an x; runs that diverged, at the top-right corner
+  with a triangle: never silently off the axes.
+  """
+  reference = reference_point(results, panel, task.scales, chance)[0]
+  back = (lambda v: 10**v) if task.scales[0] == "log" else (lambda v: v)
+  top = back(reference)
+  collapsed = diverged = 0
+  aux_values = []
+  for c, (name, metrics) in enumerate(results.items()):
+    color = colors[c % len(colors)]
+    main, aux = _axes(metrics, panel)
+    ends = np.stack([_final_mean(metrics, aux), _final_mean(metrics, main)], axis=-1)
+    for i in range(len(task.aux_weights)):
+      ax.plot(metrics[aux][i, 0], np.minimum(metrics[main][i, 0], top), color=color, alpha=0.12)
+    ok = np.isfinite(ends).all(axis=1)
+    low = ok & (transform(ends[:, 1], task.scales[0]) < reference)
+    aux_values.append(ends[ok, 0])
+    ax.scatter(ends[low, 0], ends[low, 1], color=color, s=22, zorder=3, label=name)
+    high = ok & ~low
+    if high.any():
+      ax.scatter(ends[high, 0], np.full(high.sum(), top), color=color, marker="x", s=40, zorder=4)
+    collapsed += int(high.sum())
+    diverged += int((~ok).sum())
+    scaled = np.stack(
+      [transform(ends[:, 1], task.scales[0]), transform(ends[:, 0], task.scales[1])], -1
+    )
+    front = front_curve(scaled, reference)
+    if len(front):
+      back_aux = (lambda v: 10**v) if task.scales[1] == "log" else (lambda v: v)
+      ax.plot(back_aux(front[:, 1]), back(front[:, 0]), color=color, lw=1.8, zorder=2)
+  aux_values = np.concatenate(aux_values)
+  if diverged:
+    ax.scatter([np.nanmax(aux_values)], [top], marker="^", color="k", s=40, zorder=4)
+  ax.set_yscale(task.scales[0])
+  ax.set_xscale(task.scales[1])
+  lo, hi = ax.get_ylim()
+  ax.set_ylim(
+    lo,
+    top * (1.08 if task.scales[0] == "log" else 1)
+    + (0 if task.scales[0] == "log" else 0.03 * (top - lo)),
+  )
+  notes = []
+  if collapsed:
+    notes.append(f"x on the top edge: {collapsed} end point(s) at or above chance/untrained")
+  if diverged:
+    notes.append(f"triangle: {diverged} diverged run(s)")
+  if notes:
+    ax.text(0.02, 0.02, "; ".join(notes), transform=ax.transAxes, fontsize=7, color="0.3")
+  where = "train" if panel == "train" else "held-out"
+  has_aux_panel = _axes(next(iter(results.values())), panel)[1] != "aux"
+  aux_where = f" ({where})" if has_aux_panel or task.labels[1].endswith("CE") else ""
+  ax.set_ylabel(f"{task.labels[0]} ({where})")
+  ax.set_xlabel(f"{task.labels[1]}{aux_where}")
+  ax.set_title(f"{where}: end points (mean over seeds) and fronts", fontsize=10)
+  ax.grid(alpha=0.3, which="both")
+
+
+def _matched_panel(ax, task, summary, colors) -> None:
+  """Lowest aux at matched main loss, mean and 95% interval, train and held-out."""
+  for panel, style in (("train", "-"), ("test", "--")):
+    table = summary["matched_loss"][panel]
+    for c, (name, row) in enumerate(table["methods"].items()):
+      mean = np.array([r["mean"] for r in row])
+      err = np.array([[r["mean"] - r["low"] for r in row], [r["high"] - r["mean"] for r in row]])
+      where = "train" if panel == "train" else "held-out"
+      ax.errorbar(
+        table["levels"],
+        mean,
+        yerr=err,
+        color=colors[c % len(colors)],
+        ls=style,
+        marker="o",
+        ms=3,
+        capsize=2,
+        label=f"{name} ({where})",
+      )
+  if not any(summary["matched_loss"][p]["levels"] for p in ("train", "test")):
+    ax.text(0.5, 0.5, "the fronts share no main-loss range", ha="center", transform=ax.transAxes)
+    return
+  ax.set_xscale(task.scales[0])
+  ax.set_yscale(task.scales[1])
+  ax.set_xlabel(f"matched level L of {task.labels[0]}")
+  ax.set_ylabel(f"lowest {task.labels[1]} with main <= L")
+  ax.set_title("matched main loss (solid: train, dashed: held-out)", fontsize=10)
+  ax.grid(alpha=0.3, which="both")
+  ax.legend(fontsize=7)
+
+
+def plot(task, results: dict[str, dict], summary: dict[str, Any], path: str) -> None:
+  """Train and held-out fronts, and the matched-loss comparison."""
   import matplotlib
   from matplotlib.figure import Figure  # no pyplot: leaves the global backend alone
 
-  fig = Figure(figsize=(12, 4.8))
-  axes = fig.subplots(1, 2)
+  fig = Figure(figsize=(17, 5))
+  axes = fig.subplots(1, 3)
   colors = matplotlib.rcParams["axes.prop_cycle"].by_key()["color"]
-  for ax, panel in zip(axes, PANELS, strict=True):
-    reference_main = reference_point(results, panel, task.scales)[0]
-    all_main = np.concatenate(
-      [transform(_final_mean(m, _axes(m, panel)[0]), task.scales[0]) for m in results.values()]
-    )
-    # Visual zoom only: end points within 10% (of the main-axis range) of the
-    # untrained model's loss made no real progress and are left off-axis.
-    threshold = reference_main - 0.1 * (reference_main - np.nanmin(all_main))
-    useful_aux, hidden = [], 0
-    for c, (name, metrics) in enumerate(results.items()):
-      color = colors[c % len(colors)]
-      main, aux = _axes(metrics, panel)
-      for i in range(len(task.aux_weights)):
-        ax.plot(metrics[aux][i, 0], metrics[main][i, 0], color=color, alpha=0.15, lw=0.8)
-      ends = np.stack([_final_mean(metrics, aux), _final_mean(metrics, main)], axis=-1)
-      ax.scatter(ends[:, 0], ends[:, 1], color=color, s=22, zorder=3, label=name)
-      scaled = np.stack(
-        [transform(ends[:, 1], task.scales[0]), transform(ends[:, 0], task.scales[1])], axis=-1
-      )
-      front = ends[non_dominated(scaled)]
-      front = front[np.argsort(front[:, 0])]
-      ax.plot(front[:, 0], front[:, 1], color=color, lw=1.8, zorder=2)
-      useful = scaled[:, 0] < threshold
-      useful_aux.append(ends[useful, 0])
-      hidden += int((~useful).sum())
-    ax.set_yscale(task.scales[0])
-    ax.set_xscale(task.scales[1])
-    useful_aux = np.concatenate(useful_aux)
-    if hidden and useful_aux.size:
-      # Zoom on the end points that beat the untrained model; say what is left out.
-      lo, hi = (
-        transform(useful_aux.min(), task.scales[1]),
-        transform(useful_aux.max(), task.scales[1]),
-      )
-      pad = 0.08 * max(hi - lo, 1e-6)
-      back = (lambda v: 10**v) if task.scales[1] == "log" else (lambda v: v)
-      ax.set_xlim(back(lo - pad), back(hi + pad))
-      ax.text(
-        0.02,
-        0.02,
-        f"{hidden} end point(s) within 10% of the untrained loss: off-axis",
-        transform=ax.transAxes,
-        fontsize=7,
-        color="0.3",
-      )
-    where = "train" if panel == "train" else "held-out"
-    aux_where = (
-      where
-      if _axes(next(iter(results.values())), panel)[1] != "aux" or panel == "train"
-      else "train"
-    )
-    ax.set_ylabel(f"{task.labels[0]} ({where})")
-    ax.set_xlabel(f"{task.labels[1]} ({aux_where})")
-    ax.set_title(f"{task.name}: {where} (end points: mean over seeds)", fontsize=10)
-    ax.grid(alpha=0.3, which="both")
-  axes[0].legend()
+  for ax, panel in zip(axes[:2], PANELS, strict=True):
+    _front_panel(ax, task, results, panel, task.chance, colors)
+  axes[0].legend(fontsize=8)
+  _matched_panel(axes[2], task, summary, colors)
+  fig.suptitle(f"{task.name}", fontsize=11)
   fig.tight_layout()
-  fig.savefig(path, dpi=120)
+  fig.savefig(path, dpi=110)

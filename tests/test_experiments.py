@@ -1,6 +1,7 @@
 """The experiment runner: Pareto maths exactly, every task end to end (quick)."""
 
 import json
+import subprocess
 
 import numpy as np
 import pytest
@@ -42,13 +43,90 @@ def test_reference_point_gives_no_credit_for_ending_where_you_started():
   assert summary["methods"]["a"]["train"]["mean"] > 0.0
 
 
-def test_attainment_is_the_best_aux_below_each_level():
-  results = {"a": _fake([[0.1, 3.0], [1.0, 1.0]]), "b": _fake([[0.5, 2.0]])}
-  table = pareto.attainment(results, "train", ("linear", "linear"), levels=3)
-  # Levels span the final main losses that beat the untrained model (2.0).
-  np.testing.assert_allclose(table["levels"], [0.1, 0.55, 1.0])
-  assert table["methods"]["a"] == [3.0, 3.0, 1.0]
-  assert table["methods"]["b"] == [None, 2.0, 2.0]
+def test_a_run_that_ends_at_chance_earns_exactly_zero_area():
+  """Chance (1.5) sits below the untrained loss (2.0): a collapsed run ending at
+  chance with a tiny aux, or between chance and the untrained loss, earns
+  nothing, and the reference moves down to chance."""
+  chance = {"train": 1.5, "test": 1.5}
+  useful = [[0.5, 2.0], [1.0, 1.0]]
+  alone = pareto.compare({"m": _fake(useful)}, ("linear", "linear"), chance)
+  with_collapse = pareto.compare(
+    {"m": _fake([*useful, [1.5, -50.0], [1.8, -60.0]])}, ("linear", "linear"), chance
+  )
+  assert with_collapse["reference"]["train"][0] == pytest.approx(1.5)
+  # Same reference aux for both: the area is the useful runs' area alone.
+  ref = np.array(with_collapse["reference"]["train"])
+  assert pareto.hypervolume(np.array(useful), ref) == pytest.approx(
+    with_collapse["methods"]["m"]["train"]["mean"]
+  )
+  assert pareto.hypervolume(np.array([[1.5, -50.0], [1.8, -60.0]]), ref) == 0.0
+  assert with_collapse["methods"]["m"]["train"]["collapsed_runs"] == 2
+  assert alone["methods"]["m"]["train"]["collapsed_runs"] == 0
+
+
+def _fake_seeds(per_seed_ends, start=(2.0, 5.0)):
+  """Metrics with one seed per entry of ``per_seed_ends`` ([weights, 2] each)."""
+  ends = np.asarray(per_seed_ends, np.float64)  # [seeds, weights, 2]
+  seeds, weights = ends.shape[:2]
+  main = np.empty((weights, seeds, 2))
+  aux = np.empty((weights, seeds, 2))
+  main[..., 0], aux[..., 0] = start
+  main[..., 1], aux[..., 1] = ends[..., 0].T, ends[..., 1].T
+  return {"main_train": main, "main_test": main, "aux": aux}
+
+
+def test_matched_loss_equals_a_hand_computation():
+  # Method a, two seeds; method b, two seeds. Linear scales, chance 1.9.
+  a = _fake_seeds([[[0.2, 4.0], [0.6, 2.0], [1.0, 1.0]], [[0.2, 3.0], [1.0, 1.0], [1.9, 0.0]]])
+  b = _fake_seeds([[[0.4, 3.0], [0.8, 2.0], [1.2, 0.5]], [[0.3, 3.5], [0.9, 1.5], [0.9, 3.0]]])
+  table = pareto.matched_loss(
+    {"bloop": a, "b": b}, "train", ("linear", "linear"), {"train": 1.9}, levels=3
+  )
+  # Fronts: a0 (0.2,4)-(0.6,2)-(1,1); a1 (0.2,3)-(1,1), (1.9, 0) at chance dropped;
+  # b0 (0.4,3)-(0.8,2)-(1.2,.5); b1 (0.3,3.5)-(0.9,1.5), (0.9,3) dominated.
+  # Common range: from max best main 0.4 to min last main 0.9.
+  np.testing.assert_allclose(table["levels"], [0.4, 0.65, 0.9])
+  # a at 0.4: seed 0 on (0.2,4)-(0.6,2) -> 3.0; seed 1 on (0.2,3)-(1,1) -> 2.5.
+  # a at 0.65: 2 - 0.125 = 1.875 and 3 - 2 * 0.5625 = 1.875; at 0.9: 1.25 and 1.25.
+  # b at 0.4: 3.0 and 3.5 - 2 / 6; at 0.65: 2.375 and 3.5 - 0.7 / 0.6; at 0.9: 1.625 and 1.5.
+  a_means = [2.75, 1.875, 1.25]
+  b_means = [(3.0 + 3.5 - 2 / 6) / 2, (2.375 + 3.5 - 0.7 / 0.6) / 2, (1.625 + 1.5) / 2]
+  np.testing.assert_allclose([c["mean"] for c in table["methods"]["bloop"]], a_means)
+  np.testing.assert_allclose([c["mean"] for c in table["methods"]["b"]], b_means)
+  # 95% Student-t interval with 2 seeds: t(0.975, 1) = 12.706, sd/sqrt(2) = |x0 - x1| / 2.
+  half = 12.706204736 * abs(3.0 - 2.5) / 2
+  assert table["methods"]["bloop"][0]["low"] == pytest.approx(2.75 - half)
+  assert table["methods"]["bloop"][1]["low"] == pytest.approx(1.875)  # both seeds equal
+  # At 0.65 a's seeds agree (1.875, zero width) and b's interval, 2.354 +- 0.265,
+  # lies above it: a win. At 0.4 a's interval is wide, at 0.9 b's (1.5625 +- 0.79).
+  assert table["verdicts"]["b"] == ["tie", "win", "tie"]
+
+
+def test_matched_loss_verdicts_need_separated_intervals():
+  a = _fake_seeds([[[0.2, 1.0], [1.0, 0.5]]] * 3)  # identical seeds: zero width
+  b = _fake_seeds([[[0.2, 2.0], [1.0, 1.0]], [[0.2, 2.1], [1.0, 1.1]], [[0.2, 1.9], [1.0, 0.9]]])
+  table = pareto.matched_loss({"bloop": a, "b": b}, "train", ("linear", "linear"), levels=2)
+  assert table["verdicts"]["b"] == ["win", "win"]
+  table = pareto.matched_loss({"bloop": b, "b": a}, "train", ("linear", "linear"), levels=2)
+  assert table["verdicts"]["b"] == ["loss", "loss"]
+
+
+def test_matched_loss_never_extrapolates():
+  a = _fake_seeds([[[0.2, 1.0], [0.4, 0.5]]])
+  b = _fake_seeds([[[0.6, 1.0], [0.9, 0.5]]])  # no overlap in main loss with a
+  table = pareto.matched_loss({"bloop": a, "b": b}, "train", ("linear", "linear"))
+  assert table["levels"] == [] and "overlap" in table["note"]
+
+
+def test_default_output_folder_is_ignored_by_git():
+  root = experiments.ROOT
+  if not (root / ".git").exists():
+    pytest.skip("not a git checkout")
+  probe = experiments.DEFAULT_OUT / "digits_smooth_mlp.json"
+  done = subprocess.run(
+    ["git", "check-ignore", "-q", str(probe)], cwd=root, check=False, capture_output=True
+  )
+  assert done.returncode == 0, f"{probe} would show in git status"
 
 
 @pytest.mark.parametrize("task", [t for t in experiments.ALL_TASKS if t != "quadratics_cyclic"])
@@ -74,14 +152,13 @@ def test_every_task_runs_and_writes_its_outputs(task, tmp_path, capsys):
     assert curves["to_mixed"][-1] < 0.1 * scale < curves["to_bloop"][-1]
     assert "monte_carlo (Figure 2)" in printed
     return
-  assert "Pareto hypervolume" in printed and "lowest train aux" in printed
+  assert "Pareto hypervolume" in printed and "mean [95% interval]" in printed
+  assert result["protocol"]["seeds"] == 2 and result["protocol"]["optimisation_steps"] > 0
   for method, metrics in result["metrics"].items():
     for name, values in metrics.items():
       values = np.asarray(values)
-      assert values.shape == (len(result["aux_weights"]), 2, result["epochs"] + 1), (
-        method,
-        name,
-      )
+      evaluations = result["epochs"] // result["eval_every"]
+      assert values.shape == (len(result["aux_weights"]), 2, evaluations + 1), (method, name)
       assert np.isfinite(values).all(), (method, name)
-    assert result["hypervolume"]["methods"][method]["train"]["mean"] >= 0.0
+    assert result["scores"]["methods"][method]["train"]["mean"] >= 0.0
   assert "mixed" in result["metrics"] and any("bloop" in m for m in result["metrics"])
