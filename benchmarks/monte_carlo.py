@@ -79,6 +79,16 @@ def run(out_dir: pathlib.Path, quick: bool = False) -> str:
   draws, chains = (2_000, 200) if quick else (100_000, 4_000)
   result = expected_directions(sigmas, draws, ema_decays=(0.9, 0.99), chains=chains)
   result.update(sigmas=sigmas.tolist(), draws=draws, chains=chains, p=P)
+  result["protocol"] = {
+    "figure": "2 (Monte Carlo on the projection bias)",
+    "setup": f"p = {P}, g_main and g_aux ~ N(0, I) fixed, lambda = 1, batch gradient"
+    " g_main + sigma N(0, I)",
+    "sigmas": "13 values, logspace(-1, 2)",
+    "ema_decay": "0 (no EMA), 0.9, 0.99 (through bloop_optax.bloop, update_first)",
+    "draws": draws,
+    "chains": chains,
+    "seed": 0,
+  }
   (out_dir / "monte_carlo.json").write_text(json.dumps(result))
   _plot(result, out_dir / "monte_carlo.png")
 

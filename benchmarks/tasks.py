@@ -21,8 +21,13 @@ import bloop_optax
 # Epochs of the digits tasks (1347 training images, batches of 256: 5 steps
 # an epoch) and of the multi-task one: sized so that the default job (digits,
 # 4 methods x 9 aux weights x 5 seeds) finishes in about 8 minutes on 2 cores.
-DIGITS_EPOCHS = 400
+DIGITS_EPOCHS = 360
 MULTITASK_EPOCHS = 200
+
+
+def eval_every(epochs: int, evaluations: int = 20) -> int:
+  """The largest divisor of ``epochs`` that gives at least ``evaluations`` points."""
+  return next(k for k in range(max(1, epochs // evaluations), 0, -1) if epochs % k == 0)
 
 
 def warmup_cosine(peak: float, total_steps: int, warmup: float = 0.05) -> optax.Schedule:
@@ -110,7 +115,7 @@ def quadratics(epochs: int = 1000, cyclic: bool = False) -> Task:
     reshuffle=not cyclic,
     scales=("log", "log"),
     labels=("main: least squares", "aux: 0.5 ||theta - theta*||^2"),
-    eval_every=max(1, epochs // 50),
+    eval_every=eval_every(epochs, 50),
     protocol={
       "figure": "the authors' quadratics notebook",
       "model": "linear, p = 300 > n = 256",
@@ -248,7 +253,7 @@ def smooth_mlp(
     methods=baseline_methods() if methods is None else methods,
     scales=("log", "linear"),
     labels=("main: cross-entropy", "aux: log prod_l ||W_l||_2"),
-    eval_every=1 if quick else max(1, epochs // 25),
+    eval_every=eval_every(epochs),
     chance={"train": label_entropy(y), "test": label_entropy(y_test)},
     protocol={
       "figure": "3a (smooth MLP on MNIST)",
@@ -355,7 +360,7 @@ def multitask(epochs: int = MULTITASK_EPOCHS, quick: bool = False) -> Task:
     methods=methods,
     scales=("log", "log"),
     labels=("main: faint-digit CE", "aux: bright-digit CE"),
-    eval_every=1 if quick else max(1, epochs // 25),
+    eval_every=eval_every(epochs),
     augment=augment,
     chance={"train": label_entropy(fixed[1]), "test": label_entropy(held_out[1])},
     protocol={

@@ -62,7 +62,9 @@ def main(axis_type_name):
 
   shard = {k: NamedSharding(mesh, s) for k, s in specs.items()}
   put = lambda t: {k: jax.device_put(v, shard[k]) for k, v in t.items()}
-  with jax.set_mesh(mesh):
+  # jax.set_mesh is new; jax.sharding.use_mesh is its name in jax 0.6.
+  set_mesh = getattr(jax, "set_mesh", None) or jax.sharding.use_mesh
+  with set_mesh(mesh):
     p8, s8, d8, update = run(params, steps, put)
     m, a = steps[0]
     hlo = update.lower(bloop_optax.MainAux(put(m), put(a)), s8, put(params)).compile().as_text()

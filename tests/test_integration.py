@@ -226,11 +226,12 @@ def test_nnx_step_runs_batchnorm_and_dropout_once():
 def test_nnx_state_pair_is_accepted():
   from flax import nnx
 
-  m = nnx.State({"w": jnp.array([1.0, 0.0])})
-  a = nnx.State({"w": jnp.array([3.0, 4.0])})
+  m = {"w": jnp.array([1.0, 0.0])}
+  a = {"w": jnp.array([3.0, 4.0])}
   tx = bloop_optax.bloop(1.0, 0.0)
   for pair in (nnx.State({0: m, 1: a}), nnx.State({"main": m, "aux": a})):
-    d, _ = tx.update(pair, tx.init(m))
+    main = pair[0] if 0 in pair.keys() else pair["main"]  # as NNX holds it (a State or a dict)
+    d, _ = tx.update(pair, tx.init(main))
     np.testing.assert_allclose(d["w"], [1.0, 4.0])
 
 

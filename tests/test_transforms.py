@@ -13,6 +13,17 @@ from bloop_optax import MainAux
 from tests import reference
 
 STEPS = 60
+
+
+def enable_x64():
+  """float64 within a block: ``jax.enable_x64`` (new) or its experimental form (jax < 0.6)."""
+  if hasattr(jax, "enable_x64"):
+    return jax.enable_x64(True)
+  from jax.experimental import enable_x64 as experimental
+
+  return experimental(True)
+
+
 ORDERS = ("update_first", "project_first")
 
 
@@ -396,7 +407,7 @@ def test_accumulator_dtype_option():
 
 
 def test_float64_params_keep_a_float64_ema():
-  with jax.enable_x64(True):
+  with enable_x64():
     params = {"w": jnp.zeros(3, jnp.float64)}
     state = bloop_optax.bloop().init(params)
     assert state.main_ema["w"].dtype == jnp.float64
