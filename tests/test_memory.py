@@ -52,3 +52,42 @@ def test_bloop_step_has_no_parameter_sized_temporary():
 def test_baseline_steps_have_no_parameter_sized_temporary(factory):
   temp, param_bytes = temp_bytes(optax.chain(factory(0.1), optax.adam(1e-3)))
   assert temp < param_bytes / 16, (temp, param_bytes)
+
+
+def executed_words_per_param(tx, takes_pair=True):
+  """XLA's cost-analysis bytes of one ordinary step, in float32 words per parameter
+  (the overflow branch stubbed: it runs only when a float32 sum overflows)."""
+  from benchmarks.speed import hlo_stats
+  from benchmarks.speed import overflow_branch_stubbed
+
+  params = {f"w{i}": jnp.ones((64 + i, 256), jnp.float32) for i in range(4)}
+  count = sum(x.size for x in jax.tree.leaves(params))
+  pair = bloop_optax.MainAux(params, params) if takes_pair else params
+
+  def step(p, s, g):
+    u, s = tx.update(g, s, p)
+    return optax.apply_updates(p, u), s
+
+  with overflow_branch_stubbed():
+    lowered = jax.jit(step, donate_argnums=(0, 1)).lower(params, tx.init(params), pair)
+    return hlo_stats(lowered, count)["bytes_per_param"]
+
+
+def test_step_moves_the_plain_formula_bytes_plus_the_guard():
+  """The plain formula (tree_map EMA, vdot sums, no guard) moves 20 words per
+  parameter on XLA:CPU; bloop adds exactly one read of M and A for <M, A>, whose
+  finiteness guards the in-place EMA write; the opt-in cosine adds <M, M> and
+  <A, A>. See benchmarks/README.md for the pass-by-pass account."""
+  from benchmarks.speed import naive_bloop
+
+  adam = lambda: optax.adam(1e-3)
+  plain = executed_words_per_param(optax.chain(naive_bloop(0.1, 0.99), adam()))
+  ours = executed_words_per_param(optax.chain(bloop_optax.bloop(0.1, 0.99), adam()))
+  cosine = executed_words_per_param(
+    optax.chain(bloop_optax.bloop(0.1, 0.99, track_cosine=True), adam())
+  )
+  mixed = executed_words_per_param(optax.chain(bloop_optax.mixed(0.1), adam()))
+  assert plain == pytest.approx(20, abs=0.1)
+  assert ours == pytest.approx(plain + 2, abs=0.1)
+  assert cosine == pytest.approx(plain + 4, abs=0.1)
+  assert mixed == pytest.approx(12, abs=0.1)
