@@ -164,8 +164,8 @@ def _plot_mixed_objective(table: dict, path: str) -> None:
       )
     where = "train" if panel == "train" else "held-out"
     ax.set_xlabel("t")
-    ax.set_ylabel(f"min over aux weights of (1-t) L_main + t L_aux ({where}), minus Mixed's")
-    ax.set_title(f"{where}: below 0 beats Mixed", fontsize=10)
+    ax.set_ylabel("best (1-t) L_main + t L_aux, minus Mixed's")
+    ax.set_title(f"{where}: min over aux weights; below 0 beats Mixed", fontsize=10)
     ax.grid(alpha=0.3)
   axes[0].legend(fontsize=8)
   fig.tight_layout()
