@@ -182,12 +182,11 @@ def bloop(
 
       on_ema = tm.safe_dots([ema, aux], [(0, 1), (0, 0)], skip_slow=~finite)
       # Only while no average exists (E is still zero) are M's products needed.
-      on_main = lax.cond(
+      proj = lax.cond(
         has_ema,
         lambda: on_ema,
         lambda: tm.safe_dots([main, aux], [(0, 1), (0, 0)], skip_slow=~finite),
       )
-      proj = jax.tree.map(lambda e, m: jnp.where(has_ema, e, m), on_ema, on_main)
       r = tm.scaled_ratio(proj.values[0], proj.values[1], proj.exps[1] - proj.exps[0])
       lam_r = lam * r
       zero = jnp.zeros_like(lam_r)

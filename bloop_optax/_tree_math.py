@@ -202,12 +202,11 @@ def _rescaled(trees: Sequence[PyTree], pairs: Sequence[tuple[int, int]], dtype) 
 def safe_dots(
   trees: Sequence[PyTree],
   pairs: Sequence[tuple[int, int]],
-  fast: jax.Array | None = None,
   skip_slow: jax.Array | bool = False,
 ) -> Dots:
   """Inner products ``<trees[i], trees[j]>`` for ``(i, j)`` in ``pairs``.
 
-  The fast path is the plain float32 (or wider) sums, ``fast`` if given. Only
+  The fast path is the plain float32 (or wider) sums. Only
   when one of them is not finite does a ``lax.cond`` branch find out why: it
   reads the largest magnitude of every tree, so NaN and Inf inputs are told
   apart from sums that overflowed, rescales each tree by a power of two (an
@@ -217,15 +216,13 @@ def safe_dots(
   Args:
     trees: the pytrees.
     pairs: index pairs into ``trees``.
-    fast: the plain sums, if the caller has them already.
     skip_slow: a boolean scalar; where true the slow path is not taken (e.g.
       when the inputs are already known not to be finite).
 
   Returns:
     :class:`Dots`.
   """
-  if fast is None:
-    fast = tree_dots(*((trees[i], trees[j]) for i, j in pairs))
+  fast = tree_dots(*((trees[i], trees[j]) for i, j in pairs))
   n = len(trees)
 
   def fast_path():
