@@ -167,13 +167,8 @@ def bloop(
     if update_first:
       # E' written over E (in place), then the projection on P = E'. On a
       # skipped step P is the old E and D is not finite anyway.
-      def average(e, m):
-        b = beta.astype(e.dtype)
-        return jnp.where(finite, b * e + (1 - b) * m.astype(e.dtype), e)
-
-      new_ema = jax.tree.map(average, ema, main)
-      proj = tm.safe_dots([new_ema, aux], [(0, 1), (0, 0)], skip_slow=~finite)
-      r = tm.scaled_ratio(proj.values[0], proj.values[1], proj.exps[1] - proj.exps[0])
+      new_ema = tm.ema_update(ema, main, beta, finite)
+      r = tm.projection_coef(tm.safe_dots([new_ema, aux], [(0, 1), (0, 0)], skip_slow=~finite))
       direction = tm.linear_combination([jnp.ones_like(lam), lam, -lam * r], [main, aux, new_ema])
     else:
       # P = E, or M while no average exists; E' = β P + (1 - β) M is written
@@ -187,20 +182,15 @@ def bloop(
         lambda: on_ema,
         lambda: tm.safe_dots([main, aux], [(0, 1), (0, 0)], skip_slow=~finite),
       )
-      r = tm.scaled_ratio(proj.values[0], proj.values[1], proj.exps[1] - proj.exps[0])
+      r = tm.projection_coef(proj)
       lam_r = lam * r
       zero = jnp.zeros_like(lam_r)
       direction = tm.linear_combination(
         [1 - jnp.where(has_ema, zero, lam_r), lam, -jnp.where(has_ema, lam_r, zero)],
         [main, aux, ema],
       )
-      b_eff = jnp.where(has_ema, beta, jnp.zeros_like(beta))
-
-      def average(e, m):
-        b = b_eff.astype(e.dtype)
-        return jnp.where(finite, b * e + (1 - b) * m.astype(e.dtype), e)
-
-      new_ema = jax.tree.map(average, ema, main)
+      # With P = M (no average yet), E' = β M + (1 - β) M = M.
+      new_ema = tm.ema_update(ema, main, jnp.where(has_ema, beta, jnp.zeros_like(beta)), finite)
 
     new_state = BloopState(
       steps=optax.safe_increment(state.steps),

@@ -128,11 +128,9 @@ def hierarchical_bloop(
     squares, main_aux = first.values[:n], first.values[n:]
     finite = first.finite
 
-    def average(e, g):
-      b = beta.astype(e.dtype)
-      return jnp.where(finite, b * e + (1 - b) * g.astype(e.dtype), e)
-
-    emas = [jax.tree.map(average, e, g) for e, g in zip(state.level_emas, grads, strict=False)]
+    emas = [
+      tm.ema_update(e, g, beta, finite) for e, g in zip(state.level_emas, grads, strict=False)
+    ]
 
     # Every inner product the surgery needs, in one call: the Gram matrix of
     # the EMAs (symmetric: pairs i <= j) and cross[k - 1, l] = <A_k, E_l> for

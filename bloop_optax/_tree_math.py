@@ -124,6 +124,22 @@ def linear_combination(coefs: Sequence[jax.Array], trees: Sequence[PyTree]) -> P
   return jax.tree.map(leaf, *trees)
 
 
+def ema_update(ema: PyTree, grads: PyTree, decay: jax.Array, keep: jax.Array) -> PyTree:
+  """``decay * ema + (1 - decay) * grads`` leaf by leaf in the EMA's dtype, or
+  ``ema`` unchanged where ``keep`` is false (a step that must not enter it)."""
+
+  def leaf(e, g):
+    b = decay.astype(e.dtype)
+    return jnp.where(keep, b * e + (1 - b) * g.astype(e.dtype), e)
+
+  return jax.tree.map(leaf, ema, grads)
+
+
+def projection_coef(dots) -> jax.Array:
+  """``<P, A> / <P, P>`` from ``safe_dots([P, A], [(0, 1), (0, 0)])``."""
+  return scaled_ratio(dots.values[0], dots.values[1], dots.exps[1] - dots.exps[0])
+
+
 # ---------------------------------------------------------------- overflow
 
 
@@ -208,8 +224,8 @@ def safe_dots(
 
   The fast path is the plain float32 (or wider) sums. Only
   when one of them is not finite does a ``lax.cond`` branch find out why: it
-  reads the largest magnitude of every tree, so NaN and Inf inputs are told
-  apart from sums that overflowed, rescales each tree by a power of two (an
+  reads the largest magnitude of every leaf, so NaN and Inf inputs are told
+  apart from sums that overflowed, rescales each leaf by a power of two (an
   exact operation) and sums again. Then ``<X_i, X_j> = values * 2**(e_i + e_j)``
   holds at any scale, and ``finite`` says whether the inputs were finite.
 
