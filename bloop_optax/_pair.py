@@ -70,6 +70,23 @@ def split_tuple(updates: Any, n: int, api: str) -> tuple[PyTree, ...]:
   )
 
 
+def split_objectives(updates: Any, n: int, api: str) -> tuple[PyTree, ...]:
+  """Returns the ``n`` gradients of ``n`` objectives from a tuple or list of
+  length ``n``, or a mapping with keys exactly ``0 .. n-1`` (what Flax NNX
+  builds from a tuple)."""
+  if isinstance(updates, (tuple, list)) and len(updates) == n:
+    return tuple(updates)
+  if isinstance(updates, Mapping) and set(updates.keys()) == set(range(n)):
+    return tuple(updates[i] for i in range(n))
+  got = len(updates) if isinstance(updates, (tuple, list, Mapping)) else "not a sequence"
+  raise TypeError(
+    f"{api}: expected updates=(grads_0, ..., grads_{n - 1}), a tuple of {n} pytrees (one"
+    f" per objective, num_objectives={n}), or a mapping with keys 0..{n - 1}; got"
+    f" {type(updates).__name__} of length {got} with tree structure {_describe(updates)}."
+    " bloop_optax.value_and_grads returns such a tuple for a function of K losses."
+  )
+
+
 def _first_mismatch(left: PyTree, right: PyTree, shapes: bool = True) -> str | None:
   """Describes the first key path where two trees differ, or returns None."""
   left_leaves, left_def = jax.tree_util.tree_flatten_with_path(left)

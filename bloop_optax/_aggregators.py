@@ -1,0 +1,639 @@
+"""Multi-objective gradient aggregators computed from the Gram matrix.
+
+For K objectives of equal standing with gradients ``g_1 .. g_K``, each
+aggregator returns ``d = sum_i w_i g_i`` with weights ``w`` decided from the
+K x K Gram matrix ``G_ij = <g_i, g_j>`` alone. The Gram matrix is K (K + 1) / 2
+global inner products (per-leaf reductions summed; scalars cross devices), and
+``d`` is one elementwise pass: the K x P Jacobian is never formed.
+
+Optionally (``ema_decay``) the weights are decided from the Gram matrix of EMAs
+of the K gradients and applied to the current gradients, as Bloop projects on
+an EMA of the main gradient (Hsieh et al., ICML 2024, arXiv:2402.02998): a
+decision taken on noisy mini-batch gradients is biased, one taken on their
+averages much less.
+
+Every weight rule is invariant to a global scale of ``G`` (checked per rule
+below), so the rules run on ``G / max_i G_ii``, rebuilt exactly from rescaled
+inner products when the float32 sums overflow.
+"""
+
+from collections.abc import Callable
+import math
+import numbers
+from typing import Any
+from typing import NamedTuple
+
+import jax
+from jax import lax
+import jax.numpy as jnp
+import optax
+
+from bloop_optax import _checks
+from bloop_optax import _pair
+from bloop_optax import _qp
+from bloop_optax import _tree_math as tm
+
+PyTree = Any
+
+
+# ------------------------------------------------------------ weight rules
+
+
+def _normalized(gram: jax.Array) -> jax.Array:
+  """``G / max_i G_ii`` (``G`` itself when it is zero)."""
+  top = jnp.max(jnp.diag(gram))
+  return gram / jnp.where(top > 0, top, 1)
+
+
+def mean_weights(gram: jax.Array) -> jax.Array:
+  """``w_i = 1 / K``: the average of the gradients."""
+  k = gram.shape[0]
+  return jnp.full([k], 1 / k, gram.dtype)
+
+
+def mgda_weights(gram: jax.Array) -> jax.Array:
+  r"""MGDA: the weights of the min-norm point of the gradients' convex hull.
+
+  .. math:: w = \arg\min_{w \ge 0,\ \sum_i w_i = 1} w^\top G w
+
+  Solved exactly (an active-set method, see :mod:`bloop_optax.aggregators`);
+  where the minimiser is not unique (collinear gradients) the direction
+  ``sum_i w_i g_i`` still is. Scale: invariant.
+  """
+  return _qp.min_norm_simplex(_normalized(gram))
+
+
+def pcgrad_weights(gram: jax.Array, orders: jax.Array) -> jax.Array:
+  r"""PCGrad for K objectives, with the given visiting orders.
+
+  For each ``i``, start from ``g_i`` and visit ``j = orders[i, 0], ...,
+  orders[i, K-1]`` (skipping ``i``): whenever the current vector ``v`` has
+  ``<v, g_j> < 0``, replace it by ``v - <v, g_j> / <g_j, g_j> g_j``. Then
+  ``d = sum_i v_i`` (a sum, as in the paper's Algorithm 1). In weights, each
+  ``v_i = sum_j a_ij g_j`` and ``<v_i, g_j> = (G a_i)_j``. Scale: invariant.
+
+  Args:
+    gram: ``[K, K]``.
+    orders: ``[K, K]`` int, row ``i`` a permutation of ``0 .. K-1``.
+  """
+  g = _normalized(gram)
+  k = g.shape[0]
+
+  def one(i, order):
+    a = jnp.zeros([k], g.dtype).at[i].set(1)
+    for p in range(k):
+      j = order[p]
+      inner = g[j] @ a
+      conflict = (j != i) & (inner < 0)
+      a = a.at[j].add(jnp.where(conflict, -tm.ratio(inner, g[j, j]), 0))
+    return a
+
+  return jnp.sum(jax.vmap(one)(jnp.arange(k), orders), axis=0)
+
+
+def imtl_g_weights(gram: jax.Array) -> jax.Array:
+  r"""IMTL-G: the combination whose projections on every unit gradient are equal.
+
+  ``d = sum_i w_i g_i`` with ``<d, g_i / |g_i|>`` the same for every ``i`` and
+  ``sum_i w_i = 1``: ``v = G^+ n`` with ``n_i = |g_i| = sqrt(G_ii)`` and
+  ``w = v / sum(v)`` (``G^+`` the pseudo-inverse, which extends the method to
+  linearly dependent gradients); ``w = 0`` when ``sum(v)`` vanishes (e.g.
+  opposite gradients: no direction has equal positive projections).
+  Scale: ``v`` scales as ``1 / sqrt(s)``, ``w`` is invariant.
+  """
+  g = _normalized(gram)
+  v = _qp.pinv_symmetric(g) @ jnp.sqrt(jnp.maximum(jnp.diag(g), 0))
+  total = jnp.sum(v)
+  alive = jnp.abs(total) > _qp._tolerance(g.dtype) * jnp.sum(jnp.abs(v))
+  return jnp.where(alive, v / jnp.where(alive, total, 1), 0)
+
+
+def aligned_mtl_weights(gram: jax.Array) -> jax.Array:
+  r"""Aligned-MTL: the mean of the gradients made orthogonal and of equal norm.
+
+  With ``G = V diag(λ) V^T`` restricted to its rank (eigenvalues above
+  ``K eps max λ``), the balance matrix ``B = sqrt(λ_min) V diag(λ)^{-1/2}
+  V^T`` makes the rows of ``B J`` orthogonal with norm ``sqrt(λ_min)``;
+  ``w = B 1 / K``. A zero ``G`` gives ``w = 1 / K``. Scale: invariant.
+  """
+  g = _normalized(gram)
+  k = g.shape[0]
+  lam, vec = jnp.linalg.eigh(g)
+  keep = lam > jnp.max(lam) * k * jnp.finfo(g.dtype).eps
+  smallest = jnp.min(jnp.where(keep, lam, jnp.inf))
+  inv_sqrt = jnp.where(keep, 1 / jnp.sqrt(jnp.where(keep, lam, 1)), 0)
+  balance = jnp.sqrt(jnp.where(jnp.any(keep), smallest, 1)) * (vec * inv_sqrt) @ vec.T
+  pref = jnp.full([k], 1 / k, g.dtype)
+  return jnp.where(jnp.any(keep), balance @ pref, pref)
+
+
+def upgrad_weights(gram: jax.Array) -> jax.Array:
+  r"""UPGrad: the mean of every gradient projected onto the dual cone.
+
+  The projection of ``g_i / K`` onto ``{d : <d, g_j> >= 0 for all j}`` is
+  ``J^T v_i`` with ``v_i = argmin_{v >= e_i / K} v^T G v``; ``w = sum_i v_i``.
+  Each problem is solved exactly (an active-set method on ``v - e_i / K >=
+  0``). Scale: invariant.
+  """
+  g = _normalized(gram)
+  k = g.shape[0]
+  units = jnp.eye(k, dtype=g.dtype) / k
+
+  def project(u):
+    return u + _qp.nonneg(g, g @ u)
+
+  return jnp.sum(jax.vmap(project)(units), axis=0)
+
+
+def cagrad_weights(gram: jax.Array, c: jax.typing.ArrayLike = 0.5) -> jax.Array:
+  r"""CAGrad: the mean gradient, corrected toward the worst-off objective.
+
+  With ``g_0 = sum_i g_i / K`` and ``g_w = sum_i w_i g_i``,
+
+  .. math::
+
+    w^\star = \arg\min_{w \ge 0,\ \sum_i w_i = 1} \langle g_w, g_0\rangle
+      + c \|g_0\| \|g_w\|, \qquad d = g_0 + \frac{c \|g_0\|}{\|g_{w^\star}\|}
+      g_{w^\star},
+
+  so ``w = 1 / K + c |g_0| w* / |g_w*|`` (no final ``1 / (1 + c^2)`` rescale).
+  The inner problem is solved through its fixed point: ``w*`` is the point of
+  the convex hull nearest to ``-t g_0`` (a simplex QP) at the root ``t`` of
+  ``|g_w(t)| = c |g_0| t``, found by bisection over a bracket that contains
+  it (``mantissa bits + 10`` halvings, each QP warm-started). When ``g_0 = 0``
+  or ``c = 0``, ``d = g_0``. When ``g_w* = 0`` (0 on the hull's boundary, or
+  ``c >= 1``), ``d`` is undefined; like the reference implementation of
+  Jacobian descent (TorchJD), the weights are then 0. ``|g_w*|`` counts as 0
+  below ``sqrt(eps)`` times the longest gradient. Scale: invariant.
+  """
+  g = _normalized(gram)
+  k = g.shape[0]
+  dtype = g.dtype
+  mean = jnp.full([k], 1 / k, dtype)
+  gb = g @ mean
+  radius = jnp.asarray(c, dtype) * jnp.sqrt(jnp.maximum(mean @ gb, 0))  # c |g_0|
+  longest = jnp.sqrt(jnp.max(jnp.diag(g)))
+  live = radius > 0
+  safe_radius = jnp.where(live, radius, 1)
+
+  def h(t, x, free):
+    x, free, _ = _qp.active_set(g, t * gb, x, free, simplex=True)
+    return jnp.sqrt(jnp.maximum(x @ g @ x, 0)) - safe_radius * t, x, free
+
+  x0 = _qp.min_norm_simplex(g)
+  iters = jnp.finfo(dtype).nmant + 10
+
+  def halve(_, carry):
+    lo, hi, x, free = carry
+    mid = (lo + hi) / 2
+    value, x, free = h(mid, x, free)
+    up = value >= 0
+    return jnp.where(up, mid, lo), jnp.where(up, hi, mid), x, free
+
+  hi0 = 2 * longest / safe_radius
+  lo, hi, x, free = lax.fori_loop(0, iters, halve, (jnp.zeros([], dtype), hi0, x0, x0 > 0))
+  _, x, _ = h((lo + hi) / 2, x, free)
+  norm = jnp.sqrt(jnp.maximum(x @ g @ x, 0))
+  at_zero = (lo == 0) | ~(norm > jnp.sqrt(jnp.finfo(dtype).eps) * longest)
+  corrected = mean + safe_radius / jnp.where(at_zero, 1, norm) * x
+  return jnp.where(live, jnp.where(at_zero, jnp.zeros_like(mean), corrected), mean)
+
+
+# ------------------------------------------------------------- transforms
+
+
+class AggregatorState(NamedTuple):
+  """State of the aggregators of :mod:`bloop_optax.aggregators`.
+
+  Attributes:
+    steps: int32 number of ``update`` calls.
+    skipped_steps: int32 number of steps with a NaN or Inf in some gradient;
+      those steps never entered ``grad_emas`` and gave NaN weights.
+    grad_emas: the K EMAs of the gradients (accumulator dtype), or ``None``
+      for ``ema_decay=None``.
+    gram_cosines: float32 ``[K, K]`` cosines of the Gram matrix the weights
+      were decided from at the last step (the gradients', or with
+      ``ema_decay`` their EMAs'); 0 where a vector is zero.
+    objective_weights: float32 ``[K]``, the last step's weights ``w``
+      (``d = sum_i w_i g_i``).
+    rng_key: the PRNG key of a random aggregator (:func:`pcgrad`), else
+      ``None``.
+  """
+
+  steps: jax.Array
+  skipped_steps: jax.Array
+  grad_emas: tuple[PyTree, ...] | None
+  gram_cosines: jax.Array
+  objective_weights: jax.Array
+  rng_key: jax.Array | None
+
+
+def _check_count(num_objectives: Any, api: str) -> int:
+  if not isinstance(num_objectives, numbers.Integral) or num_objectives < 1:
+    raise ValueError(
+      f"{api}: expected num_objectives to be an int >= 1 (the length of the tuple of"
+      f" gradients that update takes); got {num_objectives!r}."
+    )
+  return int(num_objectives)
+
+
+def _check_ema(ema_decay: Any, api: str) -> None:
+  if ema_decay is not None:
+    _checks.check_ema_decay(ema_decay, api)
+
+
+def _gram(dots: tm.Dots, k: int) -> jax.Array:
+  """The Gram matrix from ``safe_dots`` over the pairs ``i <= j``, scaled by
+  the common factor ``4**-max(e)`` (exact, and harmless: every rule is scale
+  invariant)."""
+  rows, cols = (list(ix) for ix in zip(*_upper(k), strict=True))
+  shift = dots.exps[jnp.array(rows)] + dots.exps[jnp.array(cols)] - 2 * jnp.max(dots.exps)
+  values = jnp.ldexp(dots.values, shift)
+  gram = jnp.zeros([k, k], values.dtype).at[rows, cols].set(values)
+  return gram.at[cols, rows].set(values)
+
+
+def _upper(k: int) -> list[tuple[int, int]]:
+  return [(i, j) for i in range(k) for j in range(i, k)]
+
+
+def _cosines(gram: jax.Array) -> jax.Array:
+  norms = jnp.sqrt(jnp.maximum(jnp.diag(gram), 0))
+  return tm.ratio(gram, jnp.outer(norms, norms)).astype(jnp.float32)
+
+
+def _aggregator(
+  api: str,
+  num_objectives: int,
+  rule: Callable[[jax.Array, jax.Array | None], jax.Array],
+  ema_decay: jax.typing.ArrayLike | None,
+  accumulator_dtype: Any,
+  key: jax.Array | int | None = None,
+) -> optax.GradientTransformationExtraArgs:
+  k = _check_count(num_objectives, api)
+  _check_ema(ema_decay, api)
+  acc = None if accumulator_dtype is None else jnp.dtype(accumulator_dtype)
+  random = key is not None
+  if random and isinstance(key, numbers.Integral):
+    key = jax.random.PRNGKey(key)
+
+  def init_fn(params: PyTree) -> AggregatorState:
+    emas = None
+    if ema_decay is not None:
+      emas = tuple(tm.zeros_accumulator(params, acc) for _ in range(k))
+    return AggregatorState(
+      steps=jnp.zeros([], jnp.int32),
+      skipped_steps=jnp.zeros([], jnp.int32),
+      grad_emas=emas,
+      gram_cosines=jnp.eye(k, dtype=jnp.float32),
+      objective_weights=jnp.full([k], 1 / k, jnp.float32),
+      rng_key=jnp.asarray(key) if random else None,
+    )
+
+  def update_fn(updates, state: AggregatorState, params=None, **extra):
+    del params, extra
+    grads = _pair.split_objectives(updates, k, api)
+    for i, g in enumerate(grads[1:], start=1):
+      _pair.check_same_layout(
+        grads[0], g, api, "grads_0", f"grads_{i}", "Differentiate every loss with respect"
+        " to the same params, e.g. with bloop_optax.value_and_grads."
+      )
+    if state.grad_emas is None:
+      dots = tm.safe_dots(grads, _upper(k))
+      finite, emas = dots.finite, None
+    else:
+      _pair.check_same_layout(
+        grads[0], state.grad_emas[0], api, "grads_0", "the params given to init",
+        "Call init with the params whose gradients you pass to update."
+      )
+      # Finiteness first (one read of every gradient), so that the EMAs can
+      # be written in place; then the Gram matrix of the EMAs.
+      finite = tm.safe_dots(grads, [(i, i) for i in range(k)]).finite
+      beta = jnp.asarray(ema_decay, jnp.result_type(float))
+      emas = tuple(tm.ema_update(e, g, beta, finite) for e, g in zip(state.grad_emas, grads))
+      dots = tm.safe_dots(emas, _upper(k), skip_slow=~finite)
+    gram = _gram(dots, k)
+    rng_key, sub = jax.random.split(state.rng_key) if random else (None, None)
+    weights = rule(gram, sub)
+    weights = jnp.where(finite, weights, jnp.nan)
+    direction = tm.linear_combination(list(weights), grads)
+    new_state = AggregatorState(
+      steps=optax.safe_increment(state.steps),
+      skipped_steps=jnp.where(
+        finite, state.skipped_steps, optax.safe_increment(state.skipped_steps)
+      ),
+      grad_emas=emas,
+      gram_cosines=_cosines(gram),
+      objective_weights=weights.astype(jnp.float32),
+      rng_key=rng_key,
+    )
+    return direction, new_state
+
+  return optax.GradientTransformationExtraArgs(init_fn, update_fn)
+
+
+def _no_key(rule):
+  return lambda gram, key: rule(gram)
+
+
+def mean(num_objectives: int) -> optax.GradientTransformationExtraArgs:
+  r"""The average of the K gradients, ``d = sum_i g_i / K``: the baseline.
+
+  It reads no inner product, keeps no state and never skips a step.
+
+  Args:
+    num_objectives: K, the length of the tuple of gradients ``update`` takes.
+
+  Returns:
+    An ``optax.GradientTransformationExtraArgs`` whose ``update`` takes
+    ``(grads_0, ..., grads_{K-1})`` and returns ``d`` shaped like
+    ``grads_0``.
+
+  Examples:
+    >>> import jax.numpy as jnp
+    >>> from bloop_optax import aggregators
+    >>> tx = aggregators.mean(2)
+    >>> d, _ = tx.update((jnp.array([1.0, 0.0]), jnp.array([0.0, 3.0])), tx.init(None))
+    >>> d
+    Array([0.5, 1.5], dtype=float32)
+  """
+  api = "aggregators.mean"
+  k = _check_count(num_objectives, api)
+
+  def init_fn(params):
+    del params
+    return optax.EmptyState()
+
+  def update_fn(updates, state, params=None, **extra):
+    del params, extra
+    grads = _pair.split_objectives(updates, k, api)
+    for i, g in enumerate(grads[1:], start=1):
+      _pair.check_same_layout(
+        grads[0], g, api, "grads_0", f"grads_{i}", "Differentiate every loss with respect"
+        " to the same params."
+      )
+    weights = [jnp.asarray(1 / k, jnp.float32)] * k
+    return tm.linear_combination(weights, grads), state
+
+  return optax.GradientTransformationExtraArgs(init_fn, update_fn)
+
+
+def mgda(
+  num_objectives: int,
+  *,
+  ema_decay: jax.typing.ArrayLike | None = None,
+  accumulator_dtype: Any | None = None,
+) -> optax.GradientTransformationExtraArgs:
+  r"""MGDA: the min-norm point of the convex hull of the K gradients.
+
+  .. math:: d = \sum_i w_i g_i, \quad w = \arg\min_{w \ge 0,\ \sum_i w_i = 1}
+    w^\top G w,
+
+  with ``G_ij = <g_i, g_j>``. ``d`` is a common descent direction of every
+  objective (or 0 at a Pareto-stationary point). The simplex QP is solved
+  exactly inside ``jit`` (see :func:`mgda_weights`).
+
+  Args:
+    num_objectives: K, the length of the tuple of gradients ``update`` takes.
+    ema_decay: ``None`` (default: the method as published) or ``β`` in
+      [0, 1], the weight on the OLD average as in ``optax.ema``: the weights
+      are then decided from the Gram matrix of EMAs ``E_i' = β E_i + (1 - β)
+      g_i`` of the gradients, kept in the state, and applied to the current
+      gradients. ``ema_decay=0`` equals ``None``.
+    accumulator_dtype: dtype of the EMAs (default float32, or the params'
+      dtype where wider).
+
+  Returns:
+    An ``optax.GradientTransformationExtraArgs`` whose ``update`` takes
+    ``(grads_0, ..., grads_{K-1})`` (a tuple, or a mapping with keys
+    ``0..K-1``) and returns ``d`` shaped like ``grads_0``; its state is an
+    :class:`AggregatorState`.
+
+  Examples:
+    >>> import jax.numpy as jnp
+    >>> from bloop_optax import aggregators
+    >>> tx = aggregators.mgda(2)
+    >>> g1, g2 = jnp.array([1.0, 0.0]), jnp.array([0.0, 2.0])
+    >>> d, state = tx.update((g1, g2), tx.init(g1))
+    >>> d  # the point of the segment [g1, g2] nearest to 0
+    Array([0.8, 0.4], dtype=float32)
+
+  References:
+    Désidéri, "Multiple-gradient descent algorithm (MGDA) for multiobjective
+    optimization", C. R. Math. 2012; Sener and Koltun, "Multi-Task Learning as
+    Multi-Objective Optimization", NeurIPS 2018.
+  """
+  rule = _no_key(mgda_weights)
+  return _aggregator("aggregators.mgda", num_objectives, rule, ema_decay, accumulator_dtype)
+
+
+def pcgrad(
+  num_objectives: int,
+  key: jax.Array | int = 0,
+  *,
+  ema_decay: jax.typing.ArrayLike | None = None,
+  accumulator_dtype: Any | None = None,
+) -> optax.GradientTransformationExtraArgs:
+  r"""PCGrad for K objectives: project away pairwise conflicts, then sum.
+
+  For each ``i``, ``v_i`` starts at ``g_i`` and, for the other objectives
+  ``j`` in a random order, loses its component along ``g_j`` whenever
+  ``<v_i, g_j> < 0``; ``d = sum_i v_i`` (see :func:`pcgrad_weights`). Each
+  step draws K fresh orders from the key kept in the state. With K = 2 the
+  order does not matter and ``d`` equals ``bloop_optax.pcgrad(1.0)``.
+
+  Args:
+    num_objectives: K.
+    key: a PRNG key, or an int seed, for the visiting orders.
+    ema_decay: ``None`` (default) or ``β``: decide the projections from the
+      EMAs' Gram matrix, as in :func:`mgda`.
+    accumulator_dtype: dtype of the EMAs.
+
+  Returns:
+    An ``optax.GradientTransformationExtraArgs``; see :func:`mgda`.
+
+  Examples:
+    >>> import jax.numpy as jnp
+    >>> from bloop_optax import aggregators
+    >>> tx = aggregators.pcgrad(2, key=0)
+    >>> g1, g2 = jnp.array([1.0, 0.0]), jnp.array([-1.0, 1.0])
+    >>> d, _ = tx.update((g1, g2), tx.init(g1))
+    >>> d  # (g1 off g2) + (g2 off g1)
+    Array([0.5, 1.5], dtype=float32)
+
+  References:
+    Yu, Kumar, Gupta, Levine, Hausman, Finn, "Gradient Surgery for Multi-Task
+    Learning", NeurIPS 2020, Algorithm 1.
+  """
+  api = "aggregators.pcgrad"
+  k = _check_count(num_objectives, api)
+  if key is None:
+    raise TypeError(f"{api}: expected key to be a PRNG key or an int seed; got None.")
+
+  def rule(gram, step_key):
+    orders = jax.vmap(lambda kk: jax.random.permutation(kk, k))(jax.random.split(step_key, k))
+    return pcgrad_weights(gram, orders)
+
+  return _aggregator(api, k, rule, ema_decay, accumulator_dtype, key=key)
+
+
+def cagrad(
+  num_objectives: int,
+  c: jax.typing.ArrayLike = 0.5,
+  *,
+  ema_decay: jax.typing.ArrayLike | None = None,
+  accumulator_dtype: Any | None = None,
+) -> optax.GradientTransformationExtraArgs:
+  r"""CAGrad: the mean gradient, corrected toward the worst-off objective.
+
+  ``d = g_0 + c |g_0| g_w / |g_w|`` with ``g_0`` the mean gradient and ``g_w``
+  the minimiser over the convex hull of ``<g_w, g_0> + c |g_0| |g_w|`` (see
+  :func:`cagrad_weights`: the exact fixed point, found by bisection, no
+  solver library). ``c = 0`` is :func:`mean`.
+
+  Args:
+    num_objectives: K.
+    c: ``c >= 0``, the radius of the ball around ``g_0`` (relative to
+      ``|g_0|``) in which the worst objective's decrease is maximised; the
+      paper's convergence guarantee needs ``c < 1``.
+    ema_decay: ``None`` (default) or ``β``: decide the weights from the EMAs'
+      Gram matrix, as in :func:`mgda`.
+    accumulator_dtype: dtype of the EMAs.
+
+  Returns:
+    An ``optax.GradientTransformationExtraArgs``; see :func:`mgda`.
+
+  Examples:
+    >>> import jax.numpy as jnp
+    >>> from bloop_optax import aggregators
+    >>> tx = aggregators.cagrad(1, c=0.5)
+    >>> d, _ = tx.update((jnp.array([2.0, 0.0]),), tx.init(jnp.zeros(2)))
+    >>> d  # one objective: (1 + c) g
+    Array([3., 0.], dtype=float32)
+
+  References:
+    Liu, Liu, Jin, Stone, Liu, "Conflict-Averse Gradient Descent for
+    Multi-task Learning", NeurIPS 2021.
+  """
+  api = "aggregators.cagrad"
+  if isinstance(c, numbers.Real) and not (math.isfinite(c) and c >= 0):
+    raise ValueError(f"{api}: expected c to be a finite number >= 0; got {c!r}.")
+  rule = lambda gram, key: cagrad_weights(gram, c)  # noqa: E731
+  return _aggregator(api, num_objectives, rule, ema_decay, accumulator_dtype)
+
+
+def imtl_g(
+  num_objectives: int,
+  *,
+  ema_decay: jax.typing.ArrayLike | None = None,
+  accumulator_dtype: Any | None = None,
+) -> optax.GradientTransformationExtraArgs:
+  r"""IMTL-G: the combination with equal projections on every unit gradient.
+
+  ``d = sum_i w_i g_i`` with ``sum_i w_i = 1`` and ``<d, g_i / |g_i|>`` the
+  same for every ``i`` (see :func:`imtl_g_weights`; the pseudo-inverse
+  extends it to linearly dependent gradients).
+
+  Args:
+    num_objectives: K.
+    ema_decay: ``None`` (default) or ``β``: decide the weights from the EMAs'
+      Gram matrix, as in :func:`mgda`.
+    accumulator_dtype: dtype of the EMAs.
+
+  Returns:
+    An ``optax.GradientTransformationExtraArgs``; see :func:`mgda`.
+
+  Examples:
+    >>> import jax.numpy as jnp
+    >>> from bloop_optax import aggregators
+    >>> tx = aggregators.imtl_g(2)
+    >>> g1, g2 = jnp.array([1.0, 0.0]), jnp.array([0.0, 3.0])
+    >>> d, _ = tx.update((g1, g2), tx.init(g1))
+    >>> d  # equal projections on e1 and e2
+    Array([0.75, 0.75], dtype=float32)
+
+  References:
+    Liu, Li, Kuang, Xue, Chen, Yang, Liao, Zhang, "Towards Impartial
+    Multi-task Learning", ICLR 2021; Quinton and Rey, "Jacobian Descent for
+    Multi-Objective Optimization", arXiv:2406.16232 (dependent gradients).
+  """
+  rule = _no_key(imtl_g_weights)
+  return _aggregator("aggregators.imtl_g", num_objectives, rule, ema_decay, accumulator_dtype)
+
+
+def aligned_mtl(
+  num_objectives: int,
+  *,
+  ema_decay: jax.typing.ArrayLike | None = None,
+  accumulator_dtype: Any | None = None,
+) -> optax.GradientTransformationExtraArgs:
+  r"""Aligned-MTL: the mean of the gradients after aligning them.
+
+  The balance matrix ``B = sqrt(λ_min) V diag(λ)^{-1/2} V^T`` (from the
+  eigendecomposition of the Gram matrix, restricted to its rank) turns the
+  gradients into orthogonal vectors of equal norm ``sqrt(λ_min)``; ``d`` is
+  their mean (see :func:`aligned_mtl_weights`).
+
+  Args:
+    num_objectives: K.
+    ema_decay: ``None`` (default) or ``β``: decide the weights from the EMAs'
+      Gram matrix, as in :func:`mgda`.
+    accumulator_dtype: dtype of the EMAs.
+
+  Returns:
+    An ``optax.GradientTransformationExtraArgs``; see :func:`mgda`.
+
+  Examples:
+    >>> import jax.numpy as jnp
+    >>> from bloop_optax import aggregators
+    >>> tx = aggregators.aligned_mtl(2)
+    >>> g1, g2 = jnp.array([1.0, 0.0]), jnp.array([0.0, 3.0])
+    >>> d, _ = tx.update((g1, g2), tx.init(g1))
+    >>> d  # both rescaled to the smaller norm, then averaged
+    Array([0.5, 0.5], dtype=float32)
+
+  References:
+    Senushkin, Patakin, Kuznetsov, Konushin, "Independent Component Alignment
+    for Multi-Task Learning", CVPR 2023, Algorithm 1.
+  """
+  rule = _no_key(aligned_mtl_weights)
+  return _aggregator("aggregators.aligned_mtl", num_objectives, rule, ema_decay, accumulator_dtype)
+
+
+def upgrad(
+  num_objectives: int,
+  *,
+  ema_decay: jax.typing.ArrayLike | None = None,
+  accumulator_dtype: Any | None = None,
+) -> optax.GradientTransformationExtraArgs:
+  r"""UPGrad: the mean of the gradients, each projected onto the dual cone.
+
+  Each ``g_i / K`` is projected onto ``{d : <d, g_j> >= 0 for all j}`` (so
+  no objective increases to first order) and the projections are summed
+  (see :func:`upgrad_weights`). Where no gradients conflict it is
+  :func:`mean`.
+
+  Args:
+    num_objectives: K.
+    ema_decay: ``None`` (default) or ``β``: decide the weights from the EMAs'
+      Gram matrix, as in :func:`mgda`.
+    accumulator_dtype: dtype of the EMAs.
+
+  Returns:
+    An ``optax.GradientTransformationExtraArgs``; see :func:`mgda`.
+
+  Examples:
+    >>> import jax.numpy as jnp
+    >>> from bloop_optax import aggregators
+    >>> tx = aggregators.upgrad(2)
+    >>> g1, g2 = jnp.array([1.0, 0.0]), jnp.array([-1.0, 1.0])
+    >>> d, _ = tx.update((g1, g2), tx.init(g1))
+    >>> d  # (g1 off g2 + g2 off g1) / 2
+    Array([0.25, 0.75], dtype=float32)
+
+  References:
+    Quinton and Rey, "Jacobian Descent for Multi-Objective Optimization",
+    arXiv:2406.16232.
+  """
+  rule = _no_key(upgrad_weights)
+  return _aggregator("aggregators.upgrad", num_objectives, rule, ema_decay, accumulator_dtype)

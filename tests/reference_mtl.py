@@ -1,0 +1,148 @@
+"""A plain NumPy reference for the multi-objective aggregators.
+
+Written from each method's paper on the K x P matrix ``J`` whose rows are the
+gradients, in float64, with no Gram-matrix shortcut and no iterative solver:
+the constrained problems are solved by enumerating every face (every subset of
+active constraints), solving the equality-constrained problem on it in the
+parameter space with least squares, and keeping the best feasible candidate.
+Exponential in K, exact, and independent of the package's active-set method.
+"""
+
+import itertools
+
+import numpy as np
+
+TOL = 1e-9
+
+
+def _subsets(k):
+  for size in range(1, k + 1):
+    yield from itertools.combinations(range(k), size)
+
+
+def _affine_min_norm(rows):
+  """The point of the affine hull of ``rows`` nearest to 0, and coefficients
+  summing to 1 that give it."""
+  base, others = rows[0], rows[1:]
+  if len(others):
+    diffs = others - base
+    coef, *_ = np.linalg.lstsq(diffs.T, -base, rcond=None)
+    point = base + diffs.T @ coef
+    weights = np.concatenate([[1 - coef.sum()], coef])
+  else:
+    point, weights = base.copy(), np.ones(1)
+  return point, weights
+
+
+def mean(jac):
+  return jac.mean(axis=0)
+
+
+def mgda(jac):
+  """Min-norm point of the convex hull of the rows (Désidéri 2012)."""
+  best = None
+  for face in _subsets(len(jac)):
+    point, weights = _affine_min_norm(jac[list(face)])
+    if np.all(weights >= -TOL) and (best is None or point @ point < best @ best - 1e-15):
+      best = point
+  return best
+
+
+def pcgrad(jac, orders):
+  """Yu et al. 2020, Algorithm 1, with the given visiting orders; a sum."""
+  out = np.zeros(jac.shape[1])
+  for i, order in enumerate(orders):
+    v = jac[i].copy()
+    for j in order:
+      if j == i:
+        continue
+      inner = v @ jac[j]
+      if inner < 0:
+        v = v - inner / (jac[j] @ jac[j]) * jac[j]
+    out += v
+  return out
+
+
+def imtl_g(jac):
+  """Liu et al. 2021 (IMTL-G closed form), for linearly independent rows."""
+  units = jac / np.linalg.norm(jac, axis=1, keepdims=True)
+  if len(jac) == 1:
+    return jac[0].copy()
+  d = jac[0] - jac[1:]  # rows g_1 - g_i
+  u = units[0] - units[1:]
+  alpha = jac[0] @ u.T @ np.linalg.inv(d @ u.T)
+  weights = np.concatenate([[1 - alpha.sum()], alpha])
+  return weights @ jac
+
+
+def aligned_mtl(jac):
+  """Senushkin et al. 2023: rows aligned to orthogonal vectors of equal norm
+  (the smallest nonzero singular value), then averaged."""
+  k = len(jac)
+  left, sing, right = np.linalg.svd(jac, full_matrices=False)
+  rank = int(np.sum(sing**2 > np.max(sing**2) * k * np.finfo(float).eps))
+  if rank == 0:
+    return jac.mean(axis=0)
+  left, sing, right = left[:, :rank], sing[:rank], right[:rank]
+  aligned = sing[-1] * left @ right  # B J with B = s_min U S^-1 U^T
+  return aligned.mean(axis=0)
+
+
+def _project_on_cone(x, jac):
+  """Euclidean projection of ``x`` onto {d : jac @ d >= 0}."""
+  best, best_dist = (x.copy(), 0.0) if np.all(jac @ x >= -TOL) else (None, np.inf)
+  for active in _subsets(len(jac)):
+    rows = jac[list(active)]
+    coef, *_ = np.linalg.lstsq(rows.T, x, rcond=None)
+    d = x - rows.T @ coef  # x projected onto {d : rows @ d = 0}
+    dist = np.sum((d - x) ** 2)
+    if np.all(jac @ d >= -TOL * max(1.0, np.abs(x).max())) and dist < best_dist - 1e-15:
+      best, best_dist = d, dist
+  return best
+
+
+def upgrad(jac):
+  """Quinton and Rey 2024: every row / K projected onto the dual cone, summed."""
+  k = len(jac)
+  return sum(_project_on_cone(jac[i] / k, jac) for i in range(k))
+
+
+def cagrad(jac, c):
+  """Liu et al. 2021: d = g0 + c|g0| g_w / |g_w|, g_w minimising
+  <g_w, g0> + c |g0| |g_w| over the convex hull of the rows.
+
+  On the affine hull of a face, with q its min-norm point and a the part of
+  g0 along the hull's directions, the minimiser is q - tau a / |a| with
+  tau = |q| |a| / sqrt(r^2 - |a|^2) (r = c |g0|), provided |a| < r.
+  """
+  g0 = jac.mean(axis=0)
+  r = c * np.linalg.norm(g0)
+  if r == 0:
+    return g0
+  best, best_value = None, np.inf
+  for face in _subsets(len(jac)):
+    rows = jac[list(face)]
+    q, _ = _affine_min_norm(rows)
+    diffs = rows[1:] - rows[0]
+    if len(diffs):
+      basis, sing, _ = np.linalg.svd(diffs.T, full_matrices=False)
+      basis = basis[:, sing > 1e-12 * max(1.0, sing.max())]
+      a = basis @ (basis.T @ g0)
+    else:
+      a = np.zeros_like(g0)
+    norm_a = np.linalg.norm(a)
+    if norm_a >= r:
+      continue
+    y = q if norm_a == 0 else q - np.linalg.norm(q) * norm_a / np.sqrt(r**2 - norm_a**2) * a / norm_a
+    # y must lie in the face (coefficients >= 0).
+    system = np.vstack([rows.T, np.ones(len(rows))])
+    weights, *_ = np.linalg.lstsq(system, np.concatenate([y, [1.0]]), rcond=None)
+    if np.any(weights < -1e-9) or np.linalg.norm(system @ weights - np.concatenate([y, [1]])) > 1e-8:
+      continue
+    value = y @ g0 + r * np.linalg.norm(y)
+    if value < best_value - 1e-15:
+      best, best_value = y, value
+  norm = np.linalg.norm(best)
+  if norm <= np.sqrt(np.finfo(float).eps) * np.linalg.norm(jac, axis=1).max():
+    return np.zeros_like(g0)  # g_w = 0: d is undefined; 0 by convention
+  return g0 + r / norm * best
