@@ -8,11 +8,26 @@ parameter space with least squares, and keeping the best feasible candidate.
 Exponential in K, exact, and independent of the package's active-set method.
 """
 
+import functools
 import itertools
 
 import numpy as np
 
 TOL = 1e-9
+
+
+def scale_free(method):
+  """Runs ``method`` on ``J / max|J|`` and scales the direction back (every
+  method is positively homogeneous), so the tolerances below are relative."""
+
+  @functools.wraps(method)
+  def wrapped(jac, *args):
+    scale = np.abs(jac).max()
+    if scale == 0:
+      return np.zeros(jac.shape[1])
+    return scale * method(jac / scale, *args)
+
+  return wrapped
 
 
 def _subsets(k):
@@ -38,6 +53,7 @@ def mean(jac):
   return jac.mean(axis=0)
 
 
+@scale_free
 def mgda(jac):
   """Min-norm point of the convex hull of the rows (Désidéri 2012)."""
   best = None
@@ -48,6 +64,7 @@ def mgda(jac):
   return best
 
 
+@scale_free
 def pcgrad(jac, orders):
   """Yu et al. 2020, Algorithm 1, with the given visiting orders; a sum."""
   out = np.zeros(jac.shape[1])
@@ -63,6 +80,7 @@ def pcgrad(jac, orders):
   return out
 
 
+@scale_free
 def imtl_g(jac):
   """Liu et al. 2021 (IMTL-G closed form), for linearly independent rows."""
   units = jac / np.linalg.norm(jac, axis=1, keepdims=True)
@@ -75,6 +93,7 @@ def imtl_g(jac):
   return weights @ jac
 
 
+@scale_free
 def aligned_mtl(jac):
   """Senushkin et al. 2023: rows aligned to orthogonal vectors of equal norm
   (the smallest nonzero singular value), then averaged."""
@@ -101,12 +120,14 @@ def _project_on_cone(x, jac):
   return best
 
 
+@scale_free
 def upgrad(jac):
   """Quinton and Rey 2024: every row / K projected onto the dual cone, summed."""
   k = len(jac)
   return sum(_project_on_cone(jac[i] / k, jac) for i in range(k))
 
 
+@scale_free
 def cagrad(jac, c):
   """Liu et al. 2021: d = g0 + c|g0| g_w / |g_w|, g_w minimising
   <g_w, g0> + c |g0| |g_w| over the convex hull of the rows.

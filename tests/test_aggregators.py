@@ -1,0 +1,454 @@
+"""The multi-objective aggregators against a NumPy reference written from each
+method's paper, their degenerate cases, the EMA option and bad input."""
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+import pytest
+
+import bloop_optax
+from bloop_optax import _qp
+from bloop_optax import aggregators as agg
+from tests import reference_mtl as ref
+from tests.test_transforms import enable_x64
+from tests.test_transforms import flat
+from tests.test_transforms import random_tree
+from tests.test_transforms import unflat
+
+
+@pytest.fixture(autouse=True)
+def strict_dtype_promotion(request):
+  mode = "standard" if request.node.get_closest_marker("optax_optimizer") else "strict"
+  with jax.numpy_dtype_promotion(mode):
+    yield
+
+
+# name -> (weights rule on a Gram matrix, reference on J); PCGrad takes orders.
+RULES = {
+  "mean": (agg.mean_weights, ref.mean),
+  "mgda": (agg.mgda_weights, ref.mgda),
+  "imtl_g": (agg.imtl_g_weights, ref.imtl_g),
+  "aligned_mtl": (agg.aligned_mtl_weights, ref.aligned_mtl),
+  "upgrad": (agg.upgrad_weights, ref.upgrad),
+  "cagrad": (lambda g: agg.cagrad_weights(g, 0.5), lambda j: ref.cagrad(j, 0.5)),
+}
+FACTORIES = {
+  "mgda": agg.mgda,
+  "pcgrad": agg.pcgrad,
+  "cagrad": agg.cagrad,
+  "imtl_g": agg.imtl_g,
+  "aligned_mtl": agg.aligned_mtl,
+  "upgrad": agg.upgrad,
+}
+
+
+def random_jacobians(seed, count=12):
+  """Random K x P Jacobians, K = 1..5, P = 3 or 8 (so some K > P), rows of
+  very different norms, some with conflicting and some with repeated rows."""
+  rng = np.random.default_rng(seed)
+  out = []
+  for trial in range(count):
+    k = 1 + trial % 5
+    p = 8 if trial % 3 else 3
+    jac = rng.standard_normal((k, p)) * rng.uniform(0.1, 10, size=(k, 1))
+    if trial % 4 == 1 and k > 1:
+      jac[1] = -0.3 * jac[0] + 0.5 * rng.standard_normal(p)  # strong conflict
+    out.append(jac)
+  return out
+
+
+def direction_error(weights, jac, want):
+  return np.abs(np.asarray(weights, np.float64) @ jac - want).max() / np.abs(jac).max()
+
+
+# ------------------------------------------------------------- exactness
+
+
+@pytest.mark.parametrize("name", list(RULES))
+def test_rules_equal_the_reference_in_float64(name):
+  rule, reference = RULES[name]
+  with enable_x64():
+    for jac in random_jacobians(0):
+      if name == "imtl_g" and np.linalg.matrix_rank(jac) < len(jac):
+        continue  # the paper's closed form needs independent rows; see below
+      weights = jax.jit(rule)(jnp.asarray(jac @ jac.T))
+      assert direction_error(weights, jac, reference(jac)) < 1e-10, jac.shape
+
+
+def test_pcgrad_rule_equals_the_reference_for_given_orders():
+  rng = np.random.default_rng(1)
+  with enable_x64():
+    for jac in random_jacobians(1):
+      k = len(jac)
+      orders = np.stack([rng.permutation(k) for _ in range(k)])
+      weights = agg.pcgrad_weights(jnp.asarray(jac @ jac.T), jnp.asarray(orders))
+      assert direction_error(weights, jac, ref.pcgrad(jac, orders)) < 1e-10
+
+
+def test_imtl_g_on_dependent_rows():
+  """Dependent rows: the pseudo-inverse form of Quinton and Rey (w = G^+ n /
+  sum), written here on J in NumPy; with a repeated row the projections on
+  every unit gradient are still equal, as the paper's IMTL-G asks."""
+  rng = np.random.default_rng(2)
+  with enable_x64():
+    for k, p in [(4, 3), (5, 2)]:
+      jac = rng.standard_normal((k, p))
+      v = np.linalg.pinv(jac @ jac.T) @ np.linalg.norm(jac, axis=1)
+      got = np.asarray(agg.imtl_g_weights(jnp.asarray(jac @ jac.T))) @ jac
+      np.testing.assert_allclose(got, v / v.sum() @ jac, rtol=1e-10)
+    g1, g2 = rng.standard_normal((2, 4))
+    jac = np.stack([g1, g2, g1])
+    d = np.asarray(agg.imtl_g_weights(jnp.asarray(jac @ jac.T))) @ jac
+    projections = jac @ d / np.linalg.norm(jac, axis=1)
+    np.testing.assert_allclose(projections, projections[0], rtol=1e-10)
+    np.testing.assert_allclose(d, ref.imtl_g(jac[:2]), rtol=1e-10)
+
+
+@pytest.mark.parametrize("name", list(FACTORIES))
+def test_transforms_equal_the_reference_in_float32_on_pytrees(name):
+  """The whole transform under jit on a pytree (global inner products), float32,
+  against the reference on the flattened float64 gradients: 1e-5 relative."""
+  rng = np.random.default_rng(3)
+  for k in (2, 3, 4):
+    grads = tuple(random_tree(rng, scale=float(s)) for s in rng.uniform(0.5, 3, k))
+    jac = np.stack([flat(g) for g in grads])
+    tx = FACTORIES[name](k)
+    state = tx.init(grads[0])
+    d, state = jax.jit(tx.update)(grads, state)
+    if name == "pcgrad":
+      key = jax.random.split(tx.init(grads[0]).rng_key)[1]
+      orders = np.asarray(jax.vmap(lambda kk: jax.random.permutation(kk, k))(
+        jax.random.split(key, k)))
+      want = ref.pcgrad(jac, orders)
+    else:
+      want = RULES[name][1](jac)
+    got = flat(d)
+    assert np.abs(got - want).max() <= 1e-5 * np.abs(want).max(), (name, k)
+    assert jax.tree.structure(d) == jax.tree.structure(grads[0])
+    np.testing.assert_allclose(np.asarray(state.objective_weights) @ jac, got, rtol=1e-5,
+                               atol=1e-5 * np.abs(got).max())
+
+
+# ---------------------------------------------------------- degenerate cases
+
+
+def run_rule(name, jac, c=0.5):
+  with enable_x64():
+    gram = jnp.asarray(jac @ jac.T)
+    if name == "pcgrad":
+      k = len(jac)
+      return np.asarray(agg.pcgrad_weights(gram, jnp.tile(jnp.arange(k), (k, 1)))) @ jac
+    if name == "cagrad":
+      return np.asarray(agg.cagrad_weights(gram, c)) @ jac
+    return np.asarray(RULES[name][0](gram)) @ jac
+
+
+G = np.array([3.0, -1.0, 2.0])
+ALL = ["mean", "mgda", "pcgrad", "cagrad", "imtl_g", "aligned_mtl", "upgrad"]
+
+
+@pytest.mark.parametrize("name", ALL)
+def test_one_objective(name):
+  want = {"cagrad": 1.5 * G}.get(name, G)  # CAGrad: g + c |g| g / |g|
+  np.testing.assert_allclose(run_rule(name, G[None]), want, rtol=1e-12)
+
+
+@pytest.mark.parametrize("name", ALL)
+def test_identical_gradients(name):
+  want = {"pcgrad": 3 * G, "cagrad": 1.5 * G}.get(name, G)
+  np.testing.assert_allclose(run_rule(name, np.stack([G, G, G])), want, rtol=1e-12)
+
+
+@pytest.mark.parametrize("name", ALL)
+def test_opposite_gradients_give_zero(name):
+  d = run_rule(name, np.stack([G, -G]))
+  np.testing.assert_allclose(d, 0, atol=1e-12)
+
+
+@pytest.mark.parametrize("name", ALL)
+def test_zero_gradients_give_zero_and_no_nan(name):
+  d = run_rule(name, np.zeros((3, 3)))
+  np.testing.assert_array_equal(d, 0)
+
+
+@pytest.mark.parametrize(
+  ("name", "want"),
+  [
+    ("mean", G / 2),
+    ("mgda", 0 * G),  # 0 is in the hull
+    ("pcgrad", G),
+    ("imtl_g", G),  # the pseudo-inverse ignores the zero gradient
+    ("aligned_mtl", G / 2),
+    ("upgrad", G / 2),
+  ],
+)
+def test_one_zero_gradient(name, want):
+  np.testing.assert_allclose(run_rule(name, np.stack([G, 0 * G])), want, atol=1e-12)
+
+
+@pytest.mark.parametrize(
+  ("name", "want"),
+  [
+    ("mean", 1.5 * G),
+    ("mgda", G),  # the shorter one
+    ("pcgrad", 3 * G),  # no conflict: the sum
+    ("imtl_g", 5 / 3 * G),  # w = (1, 2) / 3 from the pseudo-inverse
+    ("aligned_mtl", 1.5 * G),  # rank 1: B J = projection onto the one direction
+    ("upgrad", 1.5 * G),
+    ("cagrad", 1.5 * G + 0.5 * 1.5 * G),  # hull = [g, 2g]: g_w along g
+  ],
+)
+def test_collinear_gradients(name, want):
+  np.testing.assert_allclose(run_rule(name, np.stack([G, 2 * G])), want, rtol=1e-12)
+
+
+def test_two_objectives_closed_forms():
+  """K = 2: MGDA's segment formula, UPGrad = PCGrad / 2 under conflict, PCGrad
+  equals the package's two-task pcgrad with weight 1, CAGrad's endpoint."""
+  rng = np.random.default_rng(4)
+  for _ in range(10):
+    g1, g2 = rng.standard_normal((2, 5))
+    jac = np.stack([g1, g2])
+    alpha = np.clip((g2 - g1) @ g2 / ((g1 - g2) @ (g1 - g2)), 0, 1)
+    np.testing.assert_allclose(run_rule("mgda", jac), alpha * g1 + (1 - alpha) * g2, atol=1e-12)
+    pc = run_rule("pcgrad", jac)
+    with enable_x64():
+      two_task = bloop_optax.pcgrad(1.0)
+      want, _ = two_task.update((jnp.asarray(g1), jnp.asarray(g2)), two_task.init(g1))
+    np.testing.assert_allclose(pc, np.asarray(want), atol=1e-12)
+    up = run_rule("upgrad", jac)
+    np.testing.assert_allclose(up, pc / 2 if g1 @ g2 < 0 else jac.mean(0), atol=1e-12)
+  # 0 inside the hull [g, -0.7 g]: y* = -0.7 g, d = g0 - c |g0| g / |g|.
+  g0 = 0.15 * G
+  np.testing.assert_allclose(
+    run_rule("cagrad", np.stack([G, -0.7 * G])), g0 - 0.5 * np.linalg.norm(g0) * G /
+    np.linalg.norm(G), atol=1e-12)
+
+
+def test_cagrad_c_zero_is_mean_and_weights_are_scale_invariant():
+  jac = np.random.default_rng(5).standard_normal((3, 6))
+  np.testing.assert_allclose(run_rule("cagrad", jac, c=0.0), jac.mean(0), rtol=1e-12)
+  with enable_x64():
+    for name in ["mgda", "imtl_g", "aligned_mtl", "upgrad", "cagrad"]:
+      rule = RULES[name][0]
+      gram = jnp.asarray(jac @ jac.T)
+      np.testing.assert_allclose(rule(gram * 1e12), rule(gram), rtol=1e-9)
+
+
+def test_active_set_ends_well_within_its_budget():
+  """The exact solver's iterations on random problems stay below half the
+  fixed budget (so the budget is a safety net, not a truncation)."""
+  rng = np.random.default_rng(6)
+  with enable_x64():
+    for k in (2, 4, 8, 12):
+      for _ in range(5):
+        jac = rng.standard_normal((k, max(2, k // 2 + 1) if rng.random() < 0.5 else 2 * k))
+        q = jnp.asarray(jac @ jac.T)
+        q = q / jnp.max(jnp.diag(q))
+        x0 = jnp.zeros([k]).at[0].set(1)
+        _, _, its = _qp.active_set(q, jnp.zeros([k]), x0, x0 > 0, simplex=True)
+        assert int(its) < _qp.ACTIVE_SET_BUDGET(k) // 2, (k, int(its))
+        u = jnp.eye(k)[0] / k
+        _, _, its = _qp.active_set(q, q @ u, jnp.zeros([k]), jnp.zeros([k], bool), simplex=False)
+        assert int(its) < _qp.ACTIVE_SET_BUDGET(k) // 2, (k, int(its))
+
+
+# ------------------------------------------------------------------- EMA
+
+
+def sequence(seed, k, steps):
+  """K gradient sequences around fixed means (objectives that conflict), noisy."""
+  rng = np.random.default_rng(seed)
+  means = [random_tree(rng) for _ in range(k)]
+  means[1] = jax.tree.map(lambda a, b: -0.6 * a + 0.4 * b, means[0], means[1])
+  return [
+    tuple(jax.tree.map(lambda m, n: m + 0.8 * n, mu, random_tree(rng)) for mu in means)
+    for _ in range(steps)
+  ]
+
+
+@pytest.mark.parametrize("name", list(FACTORIES))
+def test_zero_decay_equals_no_ema(name):
+  seq = sequence(7, 3, 4)
+  a, b = FACTORIES[name](3), FACTORIES[name](3, ema_decay=0.0)
+  sa, sb = a.init(seq[0][0]), b.init(seq[0][0])
+  for grads in seq:
+    da, sa = jax.jit(a.update)(grads, sa)
+    db, sb = jax.jit(b.update)(grads, sb)
+    np.testing.assert_allclose(flat(da), flat(db), rtol=2e-5, atol=2e-5)
+
+
+@pytest.mark.parametrize("name", ["mgda", "upgrad", "cagrad", "aligned_mtl", "imtl_g"])
+def test_ema_weights_come_from_the_emas_and_apply_to_the_batch(name):
+  """The reference keeps float64 EMAs, decides the weights on them (weights =
+  least-squares coefficients of the reference direction on the EMAs, unique
+  for independent EMAs) and applies them to the current gradients."""
+  k, beta = 3, 0.8
+  seq = sequence(8, k, 12)
+  tx = FACTORIES[name](k, ema_decay=beta)
+  state = tx.init(seq[0][0])
+  update = jax.jit(tx.update)
+  emas = np.zeros((k, flat(seq[0][0]).size))
+  for grads in seq:
+    d, state = update(grads, state)
+    jac = np.stack([flat(g) for g in grads])
+    emas = beta * emas + (1 - beta) * jac
+    weights, *_ = np.linalg.lstsq(emas.T, RULES[name][1](emas), rcond=None)
+    want = weights @ jac
+    assert np.abs(flat(d) - want).max() <= 2e-5 * np.abs(want).max(), name
+  np.testing.assert_allclose(np.stack([flat(e) for e in state.grad_emas]), emas, rtol=1e-5,
+                             atol=1e-6)
+  norms = np.linalg.norm(emas, axis=1)
+  np.testing.assert_allclose(state.gram_cosines, emas @ emas.T / np.outer(norms, norms),
+                             atol=1e-5)
+
+
+def test_nonfinite_step_is_skipped_and_passed_through():
+  seq = sequence(9, 3, 3)
+  tx = agg.upgrad(3, ema_decay=0.9)
+  state = tx.init(seq[0][0])
+  update = jax.jit(tx.update)
+  _, state = update(seq[0], state)
+  before = [flat(e) for e in state.grad_emas]
+  bad = (seq[1][0], jax.tree.map(lambda x: x.at[...].set(jnp.nan) if x.ndim == 0 else x,
+                                 seq[1][1]), seq[1][2])
+  d, state = update(bad, state)
+  assert not np.all(np.isfinite(flat(d)))
+  assert int(state.skipped_steps) == 1 and np.all(np.isnan(state.objective_weights))
+  for e, b in zip(state.grad_emas, before, strict=True):
+    np.testing.assert_array_equal(flat(e), b)
+  d, state = update(seq[2], state)
+  assert np.all(np.isfinite(flat(d))) and int(state.skipped_steps) == 1
+
+
+@pytest.mark.parametrize("name", list(FACTORIES))
+@pytest.mark.parametrize("norm", [1e20, 1e30])
+def test_huge_gradients_give_the_exact_direction(name, norm):
+  """Float32 sums of squares overflow; the direction must still be the formula's."""
+  rng = np.random.default_rng(10)
+  grads = tuple(random_tree(rng, scale=float(norm) * s) for s in (1.0, 0.3, 2.0))
+  jac = np.stack([flat(g) for g in grads])
+  tx = FACTORIES[name](3)
+  d, state = jax.jit(tx.update)(grads, tx.init(grads[0]))
+  if name == "pcgrad":
+    key = jax.random.split(tx.init(grads[0]).rng_key)[1]
+    orders = np.asarray(jax.vmap(lambda kk: jax.random.permutation(kk, 3))(
+      jax.random.split(key, 3)))
+    want = ref.pcgrad(jac, orders)
+  else:
+    want = RULES[name][1](jac)
+  assert np.all(np.isfinite(flat(d))) and int(state.skipped_steps) == 0
+  assert np.linalg.norm(flat(d) - want) <= 1e-4 * np.linalg.norm(want), name
+
+
+# ------------------------------------------------------ randomness, chains
+
+
+def test_pcgrad_orders_follow_the_key():
+  seq = sequence(11, 4, 6)
+
+  def run(key):
+    tx = agg.pcgrad(4, key=key)
+    state, out = tx.init(seq[0][0]), []
+    for grads in seq:
+      d, state = jax.jit(tx.update)(grads, state)
+      out.append(flat(d))
+    return np.stack(out)
+
+  np.testing.assert_array_equal(run(0), run(0))
+  np.testing.assert_array_equal(run(jax.random.PRNGKey(0)), run(0))
+  assert not np.allclose(run(0), run(1))  # the orders matter for K = 4
+
+
+@pytest.mark.optax_optimizer
+def test_chain_with_adam_and_value_and_grads_of_three_losses():
+  w0 = {"a": jnp.array([1.0, -2.0]), "b": jnp.array(0.5)}
+  targets = [jnp.array([2.0, 0.0]), jnp.array([-1.0, 1.0]), jnp.array([0.0, 3.0])]
+
+  def losses(w):
+    pred = w["a"] * w["b"]
+    return tuple(jnp.sum((pred - t) ** 2) for t in targets)
+
+  for name, factory in FACTORIES.items():
+    tx = optax.chain(factory(3, ema_decay=0.9), optax.adam(1e-2))
+    state = tx.init(w0)
+
+    @jax.jit
+    def step(w, state):
+      _, grads = bloop_optax.value_and_grads(losses)(w)
+      d, state = tx.update(grads, state, w)
+      return optax.apply_updates(w, d), state
+
+    w = w0
+    for _ in range(3):
+      w, state = step(w, state)
+    assert all(np.all(np.isfinite(x)) for x in jax.tree.leaves(w)), name
+    # The direction handed to adam is the weights applied to the gradients.
+    weights = optax.tree.get(state, "objective_weights")
+    assert weights.shape == (3,)
+
+
+def test_mapping_keyed_like_nnx_and_bfloat16():
+  rng = np.random.default_rng(12)
+  grads = tuple(random_tree(rng, jnp.bfloat16) for _ in range(3))
+  tx = agg.mgda(3, ema_decay=0.5)
+  state = tx.init(grads[0])
+  d1, _ = tx.update(grads, state)
+  d2, _ = tx.update({0: grads[0], 1: grads[1], 2: grads[2]}, state)
+  assert all(x.dtype == jnp.bfloat16 for x in jax.tree.leaves(d1))
+  assert all(e.dtype == jnp.float32 for e in jax.tree.leaves(state.grad_emas))
+  np.testing.assert_array_equal(flat(d1), flat(d2))
+
+
+def test_mean_is_the_average_and_keeps_no_state():
+  rng = np.random.default_rng(13)
+  grads = tuple(random_tree(rng) for _ in range(3))
+  tx = agg.mean(3)
+  d, state = jax.jit(tx.update)(grads, tx.init(grads[0]))
+  np.testing.assert_allclose(flat(d), np.mean([flat(g) for g in grads], axis=0), rtol=1e-5, atol=1e-7)
+  assert state == optax.EmptyState()
+
+
+# ------------------------------------------------------------- bad input
+
+
+@pytest.mark.parametrize("bad", [0, -1, 2.0, "3", None])
+def test_bad_num_objectives_raises(bad):
+  with pytest.raises(ValueError, match="num_objectives"):
+    agg.mgda(bad)
+
+
+def test_wrong_number_of_gradients_raises():
+  g = {"w": jnp.ones(2)}
+  tx = agg.upgrad(3)
+  with pytest.raises(TypeError, match=r"tuple of 3 pytrees.*got tuple of length 2"):
+    tx.update((g, g), tx.init(g))
+
+
+def test_mismatched_gradients_raise_with_key_path():
+  g = {"w": jnp.ones(2)}
+  tx = agg.cagrad(2)
+  with pytest.raises(ValueError, match=r"grads_0 and grads_1.*\['w'\]"):
+    tx.update((g, {"w": jnp.ones(3)}), tx.init(g))
+
+
+@pytest.mark.parametrize("name", list(FACTORIES))
+def test_bad_ema_decay_raises(name):
+  with pytest.raises(ValueError, match="ema_decay"):
+    FACTORIES[name](2, ema_decay=1.5)
+
+
+def test_bad_cagrad_c_and_pcgrad_key_raise():
+  with pytest.raises(ValueError, match="c to be a finite number >= 0"):
+    agg.cagrad(2, c=-0.1)
+  with pytest.raises(TypeError, match="key"):
+    agg.pcgrad(2, key=None)
+
+
+def test_gradients_not_matching_init_params_raise():
+  tx = agg.mgda(2, ema_decay=0.9)
+  state = tx.init({"w": jnp.ones(2)})
+  g = {"v": jnp.ones(2)}
+  with pytest.raises(ValueError, match="params given to init"):
+    tx.update((g, g), state)
