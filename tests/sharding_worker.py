@@ -75,7 +75,42 @@ def main(axis_type_name):
   same_sharding = lambda t: {
     k: t[k].sharding.is_equivalent_to(shard[k], len(shapes[k])) for k in shapes
   }
+  # The multi-objective aggregators: three objectives, with and without EMAs.
+  from bloop_optax import aggregators
+
+  triples = [(tree(1.0), tree(1.0), tree(1.0)) for _ in range(3)]
+  agg_report = {}
+  for name, agg_tx in [
+    ("mgda", aggregators.mgda(3)),
+    ("upgrad_ema", aggregators.upgrad(3, ema_decay=0.8)),
+    ("cagrad_ema", aggregators.cagrad(3, ema_decay=0.8)),
+    ("pcgrad", aggregators.pcgrad(3, key=1)),
+  ]:
+    chain = optax.chain(agg_tx, optax.sgd(0.1))
+
+    def run_agg(put, chain=chain):
+      update = jax.jit(chain.update)
+      p = put(params)
+      state = jax.jit(chain.init)(p)
+      for grads in triples:
+        d, state = update(tuple(put(g) for g in grads), state, p)
+        p = optax.apply_updates(p, d)
+      return p, d, update
+
+    q1, _, _ = run_agg(lambda t: jax.device_put(t, single_dev))
+    with set_mesh(mesh):
+      q8, d8_agg, update = run_agg(put)
+      lowered = update.lower(tuple(put(g) for g in triples[0]), jax.jit(chain.init)(put(params)),
+                             put(params))
+      agg_hlo = lowered.compile().as_text()
+    agg_report[name] = {
+      "params_max_diff": diff(q8, q1),
+      "direction_keeps_sharding": all(same_sharding(d8_agg).values()),
+      "collectives": collectives(agg_hlo),
+    }
+
   return {
+    "aggregators": agg_report,
     "devices": jax.device_count(),
     "params_max_diff": diff(p8, p1),
     "ema_max_diff": diff(s8[0].main_ema, s1[0].main_ema),

@@ -54,6 +54,27 @@ def test_baseline_steps_have_no_parameter_sized_temporary(factory):
   assert temp < param_bytes / 16, (temp, param_bytes)
 
 
+@pytest.mark.parametrize("name", ["mgda", "pcgrad", "cagrad", "imtl_g", "aligned_mtl", "upgrad"])
+@pytest.mark.parametrize("ema_decay", [None, 0.9])
+def test_aggregator_steps_have_no_parameter_sized_temporary(name, ema_decay):
+  """Three objectives: the Gram matrix is scalars, the EMAs are written in
+  place, and the weighted sum fuses into adam."""
+  from bloop_optax import aggregators
+
+  tx = optax.chain(getattr(aggregators, name)(3, ema_decay=ema_decay), optax.adam(1e-3))
+  params = {f"w{i}": jnp.ones((64, 256), jnp.float32) * (i + 1) for i in range(4)}
+  grads = tuple(jax.tree.map(lambda p, s=s: p * s, params) for s in (0.5, -0.3, 0.2))
+
+  def step(p, s, g):
+    u, s = tx.update(g, s, p)
+    return optax.apply_updates(p, u), s
+
+  compiled = jax.jit(step, donate_argnums=(0, 1)).lower(params, tx.init(params), grads).compile()
+  param_bytes = sum(x.nbytes for x in jax.tree.leaves(params))
+  temp = compiled.memory_analysis().temp_size_in_bytes
+  assert temp < param_bytes / 16, (temp, param_bytes)
+
+
 def executed_words_per_param(tx, takes_pair=True):
   """XLA's cost-analysis bytes of one ordinary step, in float32 words per parameter
   (the overflow branch stubbed: it runs only when a float32 sum overflows)."""

@@ -43,3 +43,17 @@ def test_compiled_update_communicates_only_scalars(report):
     assert op == "all-reduce", f"unexpected {op} of {shape}"
     arrays = re.findall(r"\w+\[[^\]]*\]", shape)
     assert arrays and all(a.endswith("[]") for a in arrays), shape
+
+
+def test_aggregators_sharded_equal_single_device_and_communicate_only_scalars(report):
+  """MGDA, UPGrad and CAGrad (with EMAs) and PCGrad on 8 devices: the same
+  result, the params' sharding, and only scalar all-reduces (the Gram matrix)."""
+  assert set(report["aggregators"]) == {"mgda", "upgrad_ema", "cagrad_ema", "pcgrad"}
+  for name, rep in report["aggregators"].items():
+    assert rep["params_max_diff"] < 1e-5, name
+    assert rep["direction_keeps_sharding"], name
+    assert rep["collectives"], name
+    for op, shape in rep["collectives"]:
+      assert op == "all-reduce", (name, op, shape)
+      arrays = re.findall(r"\w+\[[^\]]*\]", shape)
+      assert arrays and all(a.endswith("[]") for a in arrays), (name, shape)
