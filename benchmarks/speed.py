@@ -5,6 +5,7 @@ Usage (from the repository root)::
   python -m benchmarks.speed            # optimizer step (8 and ~200 leaves), full steps
   python -m benchmarks.speed --quick    # small sizes, few rounds (smoke test)
   python -m benchmarks.speed --devices 8  # the 8-device scaling table (CPU) instead
+  python -m benchmarks.speed --aggregators  # K-objective aggregators vs mean, instead
 
 Every comparison is measured in one process, interleaving the variants round
 by round (so machine noise hits all of them alike), with donated buffers, and
@@ -271,6 +272,71 @@ def optimizer_step(sizes, leaf_counts, rounds, inner):
   ]
 
 
+# ---------------------------------------------------------------- aggregators
+
+AGGREGATOR_VARIANTS = [
+  ("mean", {}),
+  ("mgda", {}),
+  ("pcgrad", {}),
+  ("cagrad", {}),
+  ("imtl_g", {}),
+  ("aligned_mtl", {}),
+  ("upgrad", {}),
+  ("mgda", {"ema_decay": 0.99}),
+  ("upgrad", {"ema_decay": 0.99}),
+]
+
+
+def _aggregator_step_at(k, n, rounds, inner):
+  import jax
+  import optax
+
+  from bloop_optax import aggregators
+
+  params = _params(n)
+  count = sum(x.size for x in jax.tree.leaves(params))
+  grads = tuple(_params(n, seed=1 + i) for i in range(k))
+  fns, stats = {}, {}
+  for name, kwargs in AGGREGATOR_VARIANTS:
+    label = name + ("(EMA)" if kwargs else "")
+    tx = optax.chain(getattr(aggregators, name)(k, **kwargs), optax.adam(1e-3))
+
+    def step(p, s, g, tx=tx):
+      u, s = tx.update(g, s, p)
+      return optax.apply_updates(p, u), s
+
+    jitted = jax.jit(step, donate_argnums=(0, 1))
+
+    def init(tx=tx):
+      return jax.tree.map(lambda x: x.copy(), params), tx.init(params), grads
+
+    def call(carry, jitted=jitted):
+      return (*jitted(*carry), carry[2])
+
+    fns[label] = (init, call)
+    with overflow_branch_stubbed():
+      fresh = lambda p, s, g, step=step: step(p, s, g)
+      stats[label] = hlo_stats(jax.jit(fresh, donate_argnums=(0, 1)).lower(*init()), count)
+  times = _time_interleaved(fns, rounds, inner)
+  return [
+    {
+      "objectives": k,
+      "params": count,
+      "variant": label,
+      "seconds": t,
+      "ratio_to_mean_adam": t / times["mean"],
+      "bytes_per_param_executed": stats[label]["bytes_per_param"],
+      "fusions_executed": stats[label]["entry_fusions"],
+    }
+    for label, t in times.items()
+  ]
+
+
+def aggregator_step(ks, sizes, rounds, inner):
+  """Each aggregator + adam against mean + adam, for K objectives (8 leaves)."""
+  return [row for n in sizes for k in ks for row in _aggregator_step_at(k, n, rounds, inner)]
+
+
 # ---------------------------------------------------------------- full steps
 
 
@@ -516,6 +582,12 @@ def main(argv=None):
     help="if N > 0, force N CPU devices and run only the sharded scaling table",
   )
   parser.add_argument(
+    "--aggregators",
+    action="store_true",
+    help="run only the table of the K-objective aggregators (K = 2, 4, 8) + adam against"
+    " mean + adam",
+  )
+  parser.add_argument(
     "--out", type=pathlib.Path, default=RESULTS, help="folder for the JSON results"
   )
   args = parser.parse_args(argv)
@@ -543,6 +615,25 @@ def main(argv=None):
       )
     )
     name = f"speed_scaling_{report['machine']['backend']}.json"
+  elif args.aggregators:
+    sizes = [2**16] if args.quick else [2**20, 2**22]
+    report["aggregators"] = aggregator_step([2, 4, 8], sizes, rounds, inner)
+    print("== aggregator + adam, ratios to mean + adam (8 leaves)")
+    print(
+      _table(
+        report["aggregators"],
+        [
+          ("params", 10, str),
+          ("objectives", 11, str),
+          ("variant", 14, str),
+          ("seconds", 11, g),
+          ("ratio_to_mean_adam", 20, lambda x: f"{x:.3f}"),
+          ("bytes_per_param_executed", 25, lambda x: f"{x:.2f}"),
+          ("fusions_executed", 17, str),
+        ],
+      )
+    )
+    name = f"speed_aggregators_{report['machine']['backend']}.json"
   else:
     sizes = [2**16, 2**18] if args.quick else [2**20, 2**23, 2**25]
     report["optimizer_step"] = optimizer_step(sizes, [8, 200], rounds, inner)
