@@ -119,8 +119,11 @@ def make_task(epochs: int, batch: int = 64):
     evals = min(10, epochs)
     tx = optax.chain(
       method(),
-      optax.adam(optax.warmup_cosine_decay_schedule(0, 1e-3, epochs * steps_per_epoch // 20,
-                                                    epochs * steps_per_epoch)),
+      optax.adam(
+        optax.warmup_cosine_decay_schedule(
+          0, 1e-3, epochs * steps_per_epoch // 20, epochs * steps_per_epoch
+        )
+      ),
     )
     grads_of = bloop_optax.value_and_grads(losses)
 
@@ -278,8 +281,8 @@ def monte_carlo(sigmas, draws, chains, ema_decays=(0.9, 0.99), seed=0, progress=
   key_g, key_noise = jax.random.split(jax.random.key(seed))
   g = jax.random.normal(key_g, (k, P))
   g = g.at[1].set(-0.6 * g[0] + 0.8 * g[1])  # objectives 0 and 1 conflict
-  grads = tuple(g[i] for i in range(k))
   out = {}
+
   def fresh_state(tx, kk):
     state = tx.init(g[0])  # PCGrad: a random visiting order per draw or chain
     if state.rng_key is not None:
@@ -296,8 +299,11 @@ def monte_carlo(sigmas, draws, chains, ema_decays=(0.9, 0.99), seed=0, progress=
 
     # The target: the decision on noise-free gradients (for PCGrad, its mean
     # over random visiting orders).
-    target = jax.jit(lambda kk, f=weights_once: jax.vmap(lambda q: f(g, q))(
-      jax.random.split(kk, draws)).mean(axis=0) @ g)(jax.random.fold_in(key_noise, 999))
+    target = jax.jit(
+      lambda kk, f=weights_once: (
+        jax.vmap(lambda q: f(g, q))(jax.random.split(kk, draws)).mean(axis=0) @ g
+      )
+    )(jax.random.fold_in(key_noise, 999))
     curves = {}
 
     @jax.jit
@@ -314,7 +320,7 @@ def monte_carlo(sigmas, draws, chains, ema_decays=(0.9, 0.99), seed=0, progress=
 
       def chain(sigma, key):
         def step(state, kk):
-          noisy = g + sigma * jax.random.normal(kk, (k, P))
+          noisy = g + sigma * jax.random.normal(kk, (k, P))  # noqa: B023 (used at once)
           _, state = tx.update(tuple(noisy[i] for i in range(k)), state)
           return state, None
 
@@ -322,8 +328,9 @@ def monte_carlo(sigmas, draws, chains, ema_decays=(0.9, 0.99), seed=0, progress=
         state, _ = jax.lax.scan(step, fresh_state(tx, k_order), jax.random.split(k_run, steps))
         return state.objective_weights
 
-      return jax.jit(lambda s, kk: jax.vmap(chain, (None, 0))(s, jax.random.split(kk, chains))
-                     .mean(axis=0) @ g)
+      return jax.jit(
+        lambda s, kk: jax.vmap(chain, (None, 0))(s, jax.random.split(kk, chains)).mean(axis=0) @ g
+      )
 
     fns = {"no EMA": no_ema, **{f"ema_decay={d:g}": with_ema(d) for d in ema_decays}}
     for label, fn in fns.items():
@@ -359,8 +366,10 @@ def run_monte_carlo(out: pathlib.Path, quick: bool) -> str:
   (out / "multiobjective_monte_carlo.json").write_text(json.dumps(report))
   _plot_mc(sigmas, curves, out / "multiobjective_monte_carlo.png")
   labels = list(next(iter(curves.values())))
-  lines = ["== Monte Carlo (Figure 2 per aggregator): bias of the decision |E[w] g - d*| / |d*|,"
-           " K = 3, p = 100"]
+  lines = [
+    "== Monte Carlo (Figure 2 per aggregator): bias of the decision |E[w] g - d*| / |d*|,"
+    " K = 3, p = 100"
+  ]
   lines.append(f"{'sigma':>22}" + "".join(f"{s:>8.3g}" for s in sigmas))
   for name, c in curves.items():
     for lab in labels:
@@ -393,14 +402,22 @@ def main(argv=None):
     description="K objectives of equal standing: every aggregator with and without an EMA.",
     formatter_class=argparse.ArgumentDefaultsHelpFormatter,
   )
-  parser.add_argument("--part", choices=["task", "monte_carlo", "all"], default="all",
-                      help="which experiment to run")
+  parser.add_argument(
+    "--part", choices=["task", "monte_carlo", "all"], default="all", help="which experiment to run"
+  )
   parser.add_argument("--seeds", type=int, default=5, help="seeds of the digits task (>= 2)")
   parser.add_argument("--epochs", type=int, default=60, help="epochs of the digits task")
-  parser.add_argument("--quick", action="store_true",
-                      help="2 epochs and few Monte Carlo draws: a smoke test, not a result")
-  parser.add_argument("--out", type=pathlib.Path, default=pathlib.Path("results"),
-                      help="folder for the plots and JSON")
+  parser.add_argument(
+    "--quick",
+    action="store_true",
+    help="2 epochs and few Monte Carlo draws: a smoke test, not a result",
+  )
+  parser.add_argument(
+    "--out",
+    type=pathlib.Path,
+    default=pathlib.Path("results"),
+    help="folder for the plots and JSON",
+  )
   args = parser.parse_args(argv)
   if args.seeds < 2:
     parser.error(f"--seeds must be at least 2 for an interval; got {args.seeds}")

@@ -79,8 +79,7 @@ def compare(trials, seed):
   import torch
 
   rules = {
-    name: jax.jit(lambda g, o, name=name: ours(name, g, o))
-    for name in torchjd_aggregators(False)
+    name: jax.jit(lambda g, o, name=name: ours(name, g, o)) for name in torchjd_aggregators(False)
   }
   rng = np.random.default_rng(seed)
   results = {}
@@ -152,8 +151,11 @@ def main(argv=None):
   }
   print("max |d - d'| / max |J| over all matrices (exact: K <= 5, tests/reference_mtl.py)")
   head = ["ours-TorchJD", "TorchJD-exact", "ours-exact"]
-  print(f"{'aggregator':<12} " + " ".join(f"{h + ' ' + s:>22}" for s in ("default", "tight")
-                                          for h in head[:2]) + f" {head[2]:>12}")
+  print(
+    f"{'aggregator':<12} "
+    + " ".join(f"{h + ' ' + s:>22}" for s in ("default", "tight") for h in head[:2])
+    + f" {head[2]:>12}"
+  )
   for name in torchjd_aggregators(False):
     row = [results[f"{name}/{s}"] for s in ("default", "tight")]
     cells = []
@@ -161,8 +163,11 @@ def main(argv=None):
       cells += [r["largest_relative_difference"], r["torchjd_vs_exact_k_le_5"]]
     fails = sum(r["torchjd_failures"] for r in row)
     note = f"   TorchJD failed on {fails} matrices" if fails else ""
-    print(f"{name:<12} " + " ".join(f"{c:>22.2e}" for c in cells)
-          + f" {row[1]['ours_vs_exact_k_le_5']:>12.2e}{note}")
+    print(
+      f"{name:<12} "
+      + " ".join(f"{c:>22.2e}" for c in cells)
+      + f" {row[1]['ours_vs_exact_k_le_5']:>12.2e}{note}"
+    )
   args.out.parent.mkdir(parents=True, exist_ok=True)
   args.out.write_text(json.dumps(report, indent=1))
   print(f"wrote {args.out} in {time.perf_counter() - start:.0f} s")

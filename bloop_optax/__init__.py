@@ -5,7 +5,7 @@ References:
   Improving Gradient Surgery with an EMA". ICML 2024. arXiv:2402.02998.
 """
 
-from bloop_optax import aggregators
+from bloop_optax import aggregators as aggregators
 from bloop_optax._accumulate import MultiStepsState
 from bloop_optax._accumulate import multi_steps
 from bloop_optax._baselines import MixedState

@@ -295,22 +295,33 @@ def _aggregator(
     grads = _pair.split_objectives(updates, k, api)
     for i, g in enumerate(grads[1:], start=1):
       _pair.check_same_layout(
-        grads[0], g, api, "grads_0", f"grads_{i}", "Differentiate every loss with respect"
-        " to the same params, e.g. with bloop_optax.value_and_grads."
+        grads[0],
+        g,
+        api,
+        "grads_0",
+        f"grads_{i}",
+        "Differentiate every loss with respect"
+        " to the same params, e.g. with bloop_optax.value_and_grads.",
       )
     if state.grad_emas is None:
       dots = tm.safe_dots(grads, _upper(k))
       finite, emas = dots.finite, None
     else:
       _pair.check_same_layout(
-        grads[0], state.grad_emas[0], api, "grads_0", "the params given to init",
-        "Call init with the params whose gradients you pass to update."
+        grads[0],
+        state.grad_emas[0],
+        api,
+        "grads_0",
+        "the params given to init",
+        "Call init with the params whose gradients you pass to update.",
       )
       # Finiteness first (one read of every gradient), so that the EMAs can
       # be written in place; then the Gram matrix of the EMAs.
       finite = tm.safe_dots(grads, [(i, i) for i in range(k)]).finite
       beta = jnp.asarray(ema_decay, jnp.result_type(float))
-      emas = tuple(tm.ema_update(e, g, beta, finite) for e, g in zip(state.grad_emas, grads))
+      emas = tuple(
+        tm.ema_update(e, g, beta, finite) for e, g in zip(state.grad_emas, grads, strict=True)
+      )
       dots = tm.safe_dots(emas, _upper(k), skip_slow=~finite)
     gram = _gram(dots, k)
     rng_key, sub = jax.random.split(state.rng_key) if random else (None, None)
@@ -369,8 +380,12 @@ def mean(num_objectives: int) -> optax.GradientTransformationExtraArgs:
     grads = _pair.split_objectives(updates, k, api)
     for i, g in enumerate(grads[1:], start=1):
       _pair.check_same_layout(
-        grads[0], g, api, "grads_0", f"grads_{i}", "Differentiate every loss with respect"
-        " to the same params."
+        grads[0],
+        g,
+        api,
+        "grads_0",
+        f"grads_{i}",
+        "Differentiate every loss with respect to the same params.",
       )
     weights = [jnp.asarray(1 / k, jnp.float32)] * k
     return tm.linear_combination(weights, grads), state

@@ -154,11 +154,15 @@ def cagrad(jac, c):
     norm_a = np.linalg.norm(a)
     if norm_a >= r:
       continue
-    y = q if norm_a == 0 else q - np.linalg.norm(q) * norm_a / np.sqrt(r**2 - norm_a**2) * a / norm_a
+    y = (
+      q if norm_a == 0 else q - np.linalg.norm(q) * norm_a / np.sqrt(r**2 - norm_a**2) * a / norm_a
+    )
     # y must lie in the face (coefficients >= 0).
     system = np.vstack([rows.T, np.ones(len(rows))])
     weights, *_ = np.linalg.lstsq(system, np.concatenate([y, [1.0]]), rcond=None)
-    if np.any(weights < -1e-9) or np.linalg.norm(system @ weights - np.concatenate([y, [1]])) > 1e-8:
+    if (
+      np.any(weights < -1e-9) or np.linalg.norm(system @ weights - np.concatenate([y, [1]])) > 1e-8
+    ):
       continue
     value = y @ g0 + r * np.linalg.norm(y)
     if value < best_value - 1e-15:

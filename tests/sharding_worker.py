@@ -100,8 +100,9 @@ def main(axis_type_name):
     q1, _, _ = run_agg(lambda t: jax.device_put(t, single_dev))
     with set_mesh(mesh):
       q8, d8_agg, update = run_agg(put)
-      lowered = update.lower(tuple(put(g) for g in triples[0]), jax.jit(chain.init)(put(params)),
-                             put(params))
+      lowered = update.lower(
+        tuple(put(g) for g in triples[0]), jax.jit(chain.init)(put(params)), put(params)
+      )
       agg_hlo = lowered.compile().as_text()
     agg_report[name] = {
       "params_max_diff": diff(q8, q1),

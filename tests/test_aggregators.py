@@ -14,7 +14,6 @@ from tests import reference_mtl as ref
 from tests.test_transforms import enable_x64
 from tests.test_transforms import flat
 from tests.test_transforms import random_tree
-from tests.test_transforms import unflat
 
 
 @pytest.fixture(autouse=True)
@@ -118,16 +117,18 @@ def test_transforms_equal_the_reference_in_float32_on_pytrees(name):
     d, state = jax.jit(tx.update)(grads, state)
     if name == "pcgrad":
       key = jax.random.split(tx.init(grads[0]).rng_key)[1]
-      orders = np.asarray(jax.vmap(lambda kk: jax.random.permutation(kk, k))(
-        jax.random.split(key, k)))
+      orders = np.asarray(
+        jax.vmap(lambda kk, k=k: jax.random.permutation(kk, k))(jax.random.split(key, k))
+      )
       want = ref.pcgrad(jac, orders)
     else:
       want = RULES[name][1](jac)
     got = flat(d)
     assert np.abs(got - want).max() <= 1e-5 * np.abs(want).max(), (name, k)
     assert jax.tree.structure(d) == jax.tree.structure(grads[0])
-    np.testing.assert_allclose(np.asarray(state.objective_weights) @ jac, got, rtol=1e-5,
-                               atol=1e-5 * np.abs(got).max())
+    np.testing.assert_allclose(
+      np.asarray(state.objective_weights) @ jac, got, rtol=1e-5, atol=1e-5 * np.abs(got).max()
+    )
 
 
 # ---------------------------------------------------------- degenerate cases
@@ -232,8 +233,10 @@ def test_two_objectives_closed_forms():
   # 0 inside the hull [g, -0.7 g]: y* = -0.7 g, d = g0 - c |g0| g / |g|.
   g0 = 0.15 * G
   np.testing.assert_allclose(
-    run_rule("cagrad", np.stack([G, -0.7 * G])), g0 - 0.5 * np.linalg.norm(g0) * G /
-    np.linalg.norm(G), atol=1e-12)
+    run_rule("cagrad", np.stack([G, -0.7 * G])),
+    g0 - 0.5 * np.linalg.norm(g0) * G / np.linalg.norm(G),
+    atol=1e-12,
+  )
 
 
 def test_cagrad_c_zero_is_mean_and_weights_are_scale_invariant():
@@ -308,11 +311,11 @@ def test_ema_weights_come_from_the_emas_and_apply_to_the_batch(name):
     weights, *_ = np.linalg.lstsq(emas.T, RULES[name][1](emas), rcond=None)
     want = weights @ jac
     assert np.abs(flat(d) - want).max() <= 2e-5 * np.abs(want).max(), name
-  np.testing.assert_allclose(np.stack([flat(e) for e in state.grad_emas]), emas, rtol=1e-5,
-                             atol=1e-6)
+  np.testing.assert_allclose(
+    np.stack([flat(e) for e in state.grad_emas]), emas, rtol=1e-5, atol=1e-6
+  )
   norms = np.linalg.norm(emas, axis=1)
-  np.testing.assert_allclose(state.gram_cosines, emas @ emas.T / np.outer(norms, norms),
-                             atol=1e-5)
+  np.testing.assert_allclose(state.gram_cosines, emas @ emas.T / np.outer(norms, norms), atol=1e-5)
 
 
 def test_nonfinite_step_is_skipped_and_passed_through():
@@ -322,8 +325,11 @@ def test_nonfinite_step_is_skipped_and_passed_through():
   update = jax.jit(tx.update)
   _, state = update(seq[0], state)
   before = [flat(e) for e in state.grad_emas]
-  bad = (seq[1][0], jax.tree.map(lambda x: x.at[...].set(jnp.nan) if x.ndim == 0 else x,
-                                 seq[1][1]), seq[1][2])
+  bad = (
+    seq[1][0],
+    jax.tree.map(lambda x: x.at[...].set(jnp.nan) if x.ndim == 0 else x, seq[1][1]),
+    seq[1][2],
+  )
   d, state = update(bad, state)
   assert not np.all(np.isfinite(flat(d)))
   assert int(state.skipped_steps) == 1 and np.all(np.isnan(state.objective_weights))
@@ -344,8 +350,9 @@ def test_huge_gradients_give_the_exact_direction(name, norm):
   d, state = jax.jit(tx.update)(grads, tx.init(grads[0]))
   if name == "pcgrad":
     key = jax.random.split(tx.init(grads[0]).rng_key)[1]
-    orders = np.asarray(jax.vmap(lambda kk: jax.random.permutation(kk, 3))(
-      jax.random.split(key, 3)))
+    orders = np.asarray(
+      jax.vmap(lambda kk: jax.random.permutation(kk, 3))(jax.random.split(key, 3))
+    )
     want = ref.pcgrad(jac, orders)
   else:
     want = RULES[name][1](jac)
@@ -388,7 +395,7 @@ def test_chain_with_adam_and_value_and_grads_of_three_losses():
     @jax.jit
     def step(w, state):
       _, grads = bloop_optax.value_and_grads(losses)(w)
-      d, state = tx.update(grads, state, w)
+      d, state = tx.update(grads, state, w)  # noqa: B023 (jitted and run in this iteration)
       return optax.apply_updates(w, d), state
 
     w = w0
@@ -417,7 +424,9 @@ def test_mean_is_the_average_and_keeps_no_state():
   grads = tuple(random_tree(rng) for _ in range(3))
   tx = agg.mean(3)
   d, state = jax.jit(tx.update)(grads, tx.init(grads[0]))
-  np.testing.assert_allclose(flat(d), np.mean([flat(g) for g in grads], axis=0), rtol=1e-5, atol=1e-7)
+  np.testing.assert_allclose(
+    flat(d), np.mean([flat(g) for g in grads], axis=0), rtol=1e-5, atol=1e-7
+  )
   assert state == optax.EmptyState()
 
 

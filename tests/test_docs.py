@@ -55,6 +55,10 @@ def test_every_public_name_has_an_api_page(site):
     page = site / "generated" / f"bloop_optax.{name}.html"
     assert page.exists(), name
     assert f"bloop_optax.{name}" in page.read_text()
+  for name in bloop_optax.aggregators.__all__:
+    page = site / "generated" / f"bloop_optax.aggregators.{name}.html"
+    assert page.exists(), name
+    assert f"bloop_optax.aggregators.{name}" in page.read_text()
 
 
 def test_no_internal_link_is_broken(site):
@@ -74,6 +78,8 @@ def test_no_internal_link_is_broken(site):
 def test_guide_and_notebooks_are_rendered(site):
   guide = (site / "guide.html").read_text()
   assert "track_cosine" in guide and "skipped_steps" in guide
+  which = (site / "aggregators.html").read_text()
+  assert "ema_decay" in which and "<img" in which
   for name in ("quickstart", "figure2", "pareto"):
     page = site / "notebooks" / f"{name}.html"
     assert page.exists() and "<img" in page.read_text(), name  # stored outputs, plots included
