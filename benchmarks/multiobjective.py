@@ -28,7 +28,7 @@ Two experiments, each run with ``python -m benchmarks.multiobjective``:
   expected weights applied to the noise-free gradients, i.e. the bias of the
   decision itself (the batch noise in the final weighted sum averages out, and
   leaving it in would only add sampling noise). Expectations over 4,000 draws
-  (no EMA) or 4,000 independent chains (EMA).
+  (no EMA) or 1,000 independent chains (EMA).
 
 Results go to ``<out>/multiobjective_digits.{json,png}`` and
 ``<out>/multiobjective_monte_carlo.{json,png}`` (default: the git-ignored
@@ -347,7 +347,7 @@ def monte_carlo(sigmas, draws, chains, ema_decays=(0.9, 0.99), seed=0, progress=
 
 def run_monte_carlo(out: pathlib.Path, quick: bool) -> str:
   sigmas = np.logspace(-1, 1.5, 11)
-  draws, chains = (500, 50) if quick else (4_000, 4_000)
+  draws, chains = (500, 50) if quick else (4_000, 1_000)
   with tqdm(total=(len(NAMES) - 1) * 3, desc="monte carlo", unit="curve") as bar:
     curves = monte_carlo(sigmas, draws, chains, progress=bar)
   report = {
