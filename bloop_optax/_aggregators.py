@@ -292,17 +292,7 @@ def _aggregator(
 
   def update_fn(updates, state: AggregatorState, params=None, **extra):
     del params, extra
-    grads = _pair.split_objectives(updates, k, api)
-    for i, g in enumerate(grads[1:], start=1):
-      _pair.check_same_layout(
-        grads[0],
-        g,
-        api,
-        "grads_0",
-        f"grads_{i}",
-        "Differentiate every loss with respect"
-        " to the same params, e.g. with bloop_optax.value_and_grads.",
-      )
+    grads = _pair.split_objectives_checked(updates, k, api)
     if state.grad_emas is None:
       dots = tm.safe_dots(grads, _upper(k))
       finite, emas = dots.finite, None
@@ -377,16 +367,7 @@ def mean(num_objectives: int) -> optax.GradientTransformationExtraArgs:
 
   def update_fn(updates, state, params=None, **extra):
     del params, extra
-    grads = _pair.split_objectives(updates, k, api)
-    for i, g in enumerate(grads[1:], start=1):
-      _pair.check_same_layout(
-        grads[0],
-        g,
-        api,
-        "grads_0",
-        f"grads_{i}",
-        "Differentiate every loss with respect to the same params.",
-      )
+    grads = _pair.split_objectives_checked(updates, k, api)
     weights = [jnp.asarray(1 / k, jnp.float32)] * k
     return tm.linear_combination(weights, grads), state
 

@@ -54,37 +54,64 @@ def split_pair(updates: Any, api: str) -> tuple[PyTree, PyTree]:
   )
 
 
-def split_tuple(updates: Any, n: int, api: str) -> tuple[PyTree, ...]:
-  """Returns ``n`` pytrees from a tuple or list of length ``n``, or a mapping
-  with keys exactly ``0 .. n-1`` (what Flax NNX builds from a tuple)."""
+def _n_trees(updates: Any, n: int) -> tuple[PyTree, ...] | None:
+  """``n`` pytrees from a tuple or list of length ``n`` or a mapping keyed
+  exactly ``0 .. n-1``, else None."""
   if isinstance(updates, (tuple, list)) and len(updates) == n:
     return tuple(updates)
   if isinstance(updates, Mapping) and set(updates.keys()) == set(range(n)):
     return tuple(updates[i] for i in range(n))
-  got = len(updates) if isinstance(updates, (tuple, list, Mapping)) else "not a sequence"
+  return None
+
+
+def _length(updates: Any) -> Any:
+  return len(updates) if isinstance(updates, (tuple, list, Mapping)) else "not a sequence"
+
+
+def split_tuple(updates: Any, n: int, api: str) -> tuple[PyTree, ...]:
+  """Returns ``n`` pytrees from a tuple or list of length ``n``, or a mapping
+  with keys exactly ``0 .. n-1`` (what Flax NNX builds from a tuple)."""
+  trees = _n_trees(updates, n)
+  if trees is not None:
+    return trees
   raise TypeError(
     f"{api}: expected updates=(main_grads, aux_grads_1, ..., aux_grads_{n - 1}), a tuple"
     f" of {n} pytrees (one more than aux_weights), or a mapping with keys 0..{n - 1};"
-    f" got {type(updates).__name__} of length {got} with tree structure"
+    f" got {type(updates).__name__} of length {_length(updates)} with tree structure"
     f" {_describe(updates)}."
   )
 
 
 def split_objectives(updates: Any, n: int, api: str) -> tuple[PyTree, ...]:
-  """Returns the ``n`` gradients of ``n`` objectives from a tuple or list of
-  length ``n``, or a mapping with keys exactly ``0 .. n-1`` (what Flax NNX
-  builds from a tuple)."""
-  if isinstance(updates, (tuple, list)) and len(updates) == n:
-    return tuple(updates)
-  if isinstance(updates, Mapping) and set(updates.keys()) == set(range(n)):
-    return tuple(updates[i] for i in range(n))
-  got = len(updates) if isinstance(updates, (tuple, list, Mapping)) else "not a sequence"
+  """Returns the gradients of ``n`` objectives of equal standing from a tuple
+  or list of length ``n`` or a mapping with keys exactly ``0 .. n-1`` (what
+  Flax NNX builds from a tuple)."""
+  trees = _n_trees(updates, n)
+  if trees is not None:
+    return trees
   raise TypeError(
     f"{api}: expected updates=(grads_0, ..., grads_{n - 1}), a tuple of {n} pytrees (one"
     f" per objective, num_objectives={n}), or a mapping with keys 0..{n - 1}; got"
-    f" {type(updates).__name__} of length {got} with tree structure {_describe(updates)}."
+    f" {type(updates).__name__} of length {_length(updates)} with tree structure"
+    f" {_describe(updates)}."
     " bloop_optax.value_and_grads returns such a tuple for a function of K losses."
   )
+
+
+def split_objectives_checked(updates: Any, n: int, api: str) -> tuple[PyTree, ...]:
+  """:func:`split_objectives`, then a ValueError unless all share one layout."""
+  grads = split_objectives(updates, n, api)
+  for i, g in enumerate(grads[1:], start=1):
+    check_same_layout(
+      grads[0],
+      g,
+      api,
+      "grads_0",
+      f"grads_{i}",
+      "Differentiate every loss with respect to the same params, e.g. with"
+      " bloop_optax.value_and_grads.",
+    )
+  return grads
 
 
 def _first_mismatch(left: PyTree, right: PyTree, shapes: bool = True) -> str | None:
