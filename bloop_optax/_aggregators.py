@@ -80,12 +80,13 @@ def pcgrad_weights(gram: jax.Array, orders: jax.Array) -> jax.Array:
   k = g.shape[0]
 
   def one(i, order):
-    a = jnp.zeros([k], g.dtype).at[i].set(1)
+    a = (jnp.arange(k) == i).astype(g.dtype)
     for p in range(k):
       j = order[p]
       inner = g[j] @ a
       conflict = (j != i) & (inner < 0)
-      a = a.at[j].add(jnp.where(conflict, -tm.ratio(inner, g[j, j]), 0))
+      step = jnp.where(conflict, -tm.ratio(inner, g[j, j]), 0)
+      a = a + jnp.where(jnp.arange(k) == j, step, 0)  # one-hot, not a scatter
     return a
 
   return jnp.sum(jax.vmap(one)(jnp.arange(k), orders), axis=0)
@@ -124,7 +125,7 @@ def aligned_mtl_weights(gram: jax.Array) -> jax.Array:
   inv_sqrt = jnp.where(keep, 1 / jnp.sqrt(jnp.where(keep, lam, 1)), 0)
   balance = jnp.sqrt(jnp.where(jnp.any(keep), smallest, 1)) * (vec * inv_sqrt) @ vec.T
   pref = jnp.full([k], 1 / k, g.dtype)
-  return jnp.where(jnp.any(keep), balance @ pref, pref)
+  return jnp.where(jnp.any(keep), jnp.sum(balance, axis=1) / k, pref)  # B 1 / K
 
 
 def upgrad_weights(gram: jax.Array) -> jax.Array:
@@ -170,8 +171,10 @@ def cagrad_weights(gram: jax.Array, c: jax.typing.ArrayLike = 0.5) -> jax.Array:
   k = g.shape[0]
   dtype = g.dtype
   mean = jnp.full([k], 1 / k, dtype)
-  gb = g @ mean
-  radius = jnp.asarray(c, dtype) * jnp.sqrt(jnp.maximum(mean @ gb, 0))  # c |g_0|
+  # Sums rather than products with the constant ``mean``: older JAX refuses a
+  # matrix product between an array on an explicit mesh and a constant.
+  gb = jnp.sum(g, axis=1) / k  # G 1 / K
+  radius = jnp.asarray(c, dtype) * jnp.sqrt(jnp.maximum(jnp.sum(gb) / k, 0))  # c |g_0|
   longest = jnp.sqrt(jnp.max(jnp.diag(g)))
   live = radius > 0
   safe_radius = jnp.where(live, radius, 1)
@@ -246,11 +249,15 @@ def _gram(dots: tm.Dots, k: int) -> jax.Array:
   """The Gram matrix from ``safe_dots`` over the pairs ``i <= j``, scaled by
   the common factor ``4**-max(e)`` (exact, and harmless: every rule is scale
   invariant)."""
-  rows, cols = (list(ix) for ix in zip(*_upper(k), strict=True))
-  shift = dots.exps[jnp.array(rows)] + dots.exps[jnp.array(cols)] - 2 * jnp.max(dots.exps)
-  values = jnp.ldexp(dots.values, shift)
-  gram = jnp.zeros([k, k], values.dtype).at[rows, cols].set(values)
-  return gram.at[cols, rows].set(values)
+  # Built from static indices (slices and a stack), with no scatter or gather,
+  # which some JAX versions cannot shard on an explicit mesh.
+  position = {pair: n for n, pair in enumerate(_upper(k))}
+  top = jnp.max(dots.exps)
+  exps = [dots.exps[i] for i in range(k)]
+  entry = lambda i, j: jnp.ldexp(  # noqa: E731
+    dots.values[position[(min(i, j), max(i, j))]], exps[i] + exps[j] - 2 * top
+  )
+  return jnp.stack([jnp.stack([entry(i, j) for j in range(k)]) for i in range(k)])
 
 
 def _upper(k: int) -> list[tuple[int, int]]:

@@ -106,7 +106,7 @@ def active_set(q, c, x0, free0, simplex, budget=None):
       x_new = jnp.where(free & (z > 0), z, 0)
       free_new = free & (z > 0)
       more, j = optimal_violation(x_new, free_new)
-      return x_new, free_new.at[j].set(free_new[j] | more), ~more
+      return x_new, free_new | ((jnp.arange(k) == j) & more), ~more
 
     def step_back():
       # Move from x toward z until the first blocked coordinate reaches 0.
@@ -114,7 +114,7 @@ def active_set(q, c, x0, free0, simplex, budget=None):
       i = jnp.argmin(ratios)
       alpha = jnp.clip(ratios[i], 0, 1)
       x_new = x + alpha * (z - x)
-      free_new = (free & (x_new > 0)).at[i].set(False)
+      free_new = free & (x_new > 0) & (jnp.arange(k) != i)
       return jnp.where(free_new, x_new, 0), free_new, jnp.zeros([], bool)
 
     x_new, free_new, done = lax.cond(jnp.any(blocked), step_back, accept)
@@ -135,7 +135,7 @@ def min_norm_simplex(q, c=None):
   k = q.shape[0]
   c = jnp.zeros([k], q.dtype) if c is None else c
   j = jnp.argmin(jnp.diag(q) / 2 + c)
-  x0 = jnp.zeros([k], q.dtype).at[j].set(1)
+  x0 = (jnp.arange(k) == j).astype(q.dtype)
   return active_set(q, c, x0, x0 > 0, simplex=True)[0]
 
 

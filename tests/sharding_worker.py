@@ -85,6 +85,8 @@ def main(axis_type_name):
     ("upgrad_ema", aggregators.upgrad(3, ema_decay=0.8)),
     ("cagrad_ema", aggregators.cagrad(3, ema_decay=0.8)),
     ("pcgrad", aggregators.pcgrad(3, key=1)),
+    ("imtl_g", aggregators.imtl_g(3)),
+    ("aligned_mtl", aggregators.aligned_mtl(3)),
   ]:
     chain = optax.chain(agg_tx, optax.sgd(0.1))
 
