@@ -249,24 +249,13 @@ def _gram(dots: tm.Dots, k: int) -> jax.Array:
   """The Gram matrix from ``safe_dots`` over the pairs ``i <= j``, scaled by
   the common factor ``4**-max(e)`` (exact, and harmless: every rule is scale
   invariant)."""
-  # Built from static indices (slices and a stack), with no scatter or gather,
-  # which some JAX versions cannot shard on an explicit mesh.
-  position = {pair: n for n, pair in enumerate(_upper(k))}
-  top = jnp.max(dots.exps)
-  exps = [dots.exps[i] for i in range(k)]
-  entry = lambda i, j: jnp.ldexp(  # noqa: E731
-    dots.values[position[(min(i, j), max(i, j))]], exps[i] + exps[j] - 2 * top
-  )
-  return jnp.stack([jnp.stack([entry(i, j) for j in range(k)]) for i in range(k)])
+  gram = tm.matrix_from_pairs(dots.values, _upper(k), (k, k), symmetric=True)
+  shift = dots.exps[:, None] + dots.exps[None, :] - 2 * jnp.max(dots.exps)
+  return jnp.ldexp(gram, shift)
 
 
 def _upper(k: int) -> list[tuple[int, int]]:
   return [(i, j) for i in range(k) for j in range(i, k)]
-
-
-def _cosines(gram: jax.Array) -> jax.Array:
-  norms = jnp.sqrt(jnp.maximum(jnp.diag(gram), 0))
-  return tm.ratio(gram, jnp.outer(norms, norms)).astype(jnp.float32)
 
 
 def _aggregator(
@@ -331,7 +320,7 @@ def _aggregator(
         finite, state.skipped_steps, optax.safe_increment(state.skipped_steps)
       ),
       grad_emas=emas,
-      gram_cosines=_cosines(gram),
+      gram_cosines=tm.cosine(gram, jnp.diag(gram)[:, None], jnp.diag(gram)[None, :]),
       objective_weights=weights.astype(jnp.float32),
       rng_key=rng_key,
     )

@@ -141,25 +141,20 @@ def hierarchical_bloop(
     dots = tm.safe_dots([*emas, *auxes], upper + lower, skip_slow=~finite)
     products, crossed = dots.values[: len(upper)], dots.values[len(upper) :]
     ema_exps, aux_exps = dots.exps[:levels], dots.exps[levels:]
-    rows, cols = (list(index) for index in zip(*upper, strict=True))
-    gram = jnp.zeros([levels, levels], products.dtype).at[rows, cols].set(products)
-    gram = gram.at[cols, rows].set(products)
-    rows, cols = (list(index) for index in zip(*lower, strict=True))
-    cross = jnp.zeros([levels, levels], products.dtype)
-    cross = cross.at[[r - levels for r in rows], cols].set(crossed)
+    gram = tm.matrix_from_pairs(products, upper, (levels, levels), symmetric=True)
+    cross = tm.matrix_from_pairs(crossed, [(r - levels, c) for r, c in lower], (levels, levels))
 
     # Gram–Schmidt in coefficient space over the rescaled EMAs:
     # Q_j = sum_l basis[j, l] E_l / 2**e_l.
     tol = 16 * jnp.finfo(gram.dtype).eps
-    basis = jnp.zeros([levels, levels], gram.dtype)
-    norms = []
+    basis, norms = [], []  # rows Q_j as Python lists: no scatter
     for j in range(levels):
-      row = jnp.zeros([levels], gram.dtype).at[j].set(1.0)
+      row = (jnp.arange(levels) == j).astype(gram.dtype)
       for i in range(j):  # remove from E_j its components along Q_i
         row = row - tm.ratio(basis[i] @ gram[j], norms[i]) * basis[i]
       norm = row @ gram @ row
       alive = norm > tol * gram[j, j]
-      basis = basis.at[j].set(jnp.where(alive, row, 0.0))
+      basis.append(jnp.where(alive, row, 0.0))
       norms.append(jnp.where(alive, norm, 0.0))
 
     # D = M + sum_k λ_k A_k + sum_l w_l E_l, where A_k's component along Q_j

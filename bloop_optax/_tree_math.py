@@ -140,6 +140,25 @@ def projection_coef(dots) -> jax.Array:
   return scaled_ratio(dots.values[0], dots.values[1], dots.exps[1] - dots.exps[0])
 
 
+def matrix_from_pairs(values, pairs, shape, symmetric=False) -> jax.Array:
+  """The dense matrix with ``values[n]`` at ``pairs[n]`` (and at its mirror
+  with ``symmetric``), zeros elsewhere.
+
+  Built from static indices (slices and a stack), never a scatter: some JAX
+  versions cannot shard a scatter on an explicit mesh, even of scalars.
+  """
+  position = {pair: n for n, pair in enumerate(pairs)}
+  if symmetric:
+    position.update({(j, i): n for (i, j), n in list(position.items())})
+  zero = jnp.zeros((), values.dtype)
+
+  def entry(i, j):
+    return values[position[(i, j)]] if (i, j) in position else zero
+
+  rows, cols = shape
+  return jnp.stack([jnp.stack([entry(i, j) for j in range(cols)]) for i in range(rows)])
+
+
 # ---------------------------------------------------------------- overflow
 
 

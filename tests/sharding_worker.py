@@ -87,6 +87,7 @@ def main(axis_type_name):
     ("pcgrad", aggregators.pcgrad(3, key=1)),
     ("imtl_g", aggregators.imtl_g(3)),
     ("aligned_mtl", aggregators.aligned_mtl(3)),
+    ("hierarchical_bloop", bloop_optax.hierarchical_bloop((0.5, 0.5), 0.8)),
   ]:
     chain = optax.chain(agg_tx, optax.sgd(0.1))
 

@@ -46,7 +46,8 @@ def test_compiled_update_communicates_only_scalars(report):
 
 
 def test_aggregators_sharded_equal_single_device_and_communicate_only_scalars(report):
-  """Every aggregator (UPGrad and CAGrad with EMAs) on 8 devices: the same
+  """Every aggregator (UPGrad and CAGrad with EMAs), and hierarchical_bloop
+  (the same tuple of three gradients), on 8 devices: the same
   result, the params' sharding, and only scalar all-reduces (the Gram matrix)."""
   assert set(report["aggregators"]) == {
     "mgda",
@@ -55,6 +56,7 @@ def test_aggregators_sharded_equal_single_device_and_communicate_only_scalars(re
     "pcgrad",
     "imtl_g",
     "aligned_mtl",
+    "hierarchical_bloop",
   }
   for name, rep in report["aggregators"].items():
     assert rep["params_max_diff"] < 1e-5, name
