@@ -72,6 +72,7 @@ def multi_steps(
     raise ValueError(f"{api}: expected every_k to be a Python int >= 1; got {every_k!r}.")
 
   def init_fn(params: PyTree) -> MultiStepsState:
+    _checks.check_params(params, api)
     return MultiStepsState(
       mini_step=jnp.zeros([], jnp.int32),
       gradient_step=jnp.zeros([], jnp.int32),

@@ -274,6 +274,7 @@ def _aggregator(
     key = jax.random.PRNGKey(key)
 
   def init_fn(params: PyTree) -> AggregatorState:
+    _checks.check_params(params, api)
     emas = None
     if ema_decay is not None:
       emas = tuple(tm.zeros_accumulator(params, acc) for _ in range(k))
@@ -358,6 +359,7 @@ def mean(num_objectives: int) -> optax.GradientTransformationExtraArgs:
   k = _check_count(num_objectives, api)
 
   def init_fn(params):
+    _checks.check_params(params, api)
     del params
     return optax.EmptyState()
 

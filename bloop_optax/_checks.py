@@ -7,6 +7,7 @@ from typing import Any
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 
 from bloop_optax import _pair
 
@@ -68,3 +69,20 @@ def check_against_params(main: PyTree, params: PyTree, api: str) -> None:
     "the params given to init",
     "Call init with the params whose gradients you pass to update.",
   )
+
+
+def check_params(params: PyTree, api: str) -> None:
+  """Raises TypeError naming the first leaf of ``params`` that is not an array."""
+  for path, leaf in jax.tree_util.tree_flatten_with_path(params)[0]:
+    if isinstance(leaf, (jax.Array, np.ndarray, np.generic, numbers.Number)) or (
+      hasattr(leaf, "shape") and hasattr(leaf, "dtype")
+    ):
+      continue
+    raise TypeError(
+      f"{api}: expected the params given to init to be a pytree of arrays; the"
+      f" leaf at {jax.tree_util.keystr(path) or 'the root'} is a"
+      f" {type(leaf).__name__}. For an Equinox module pass"
+      " eqx.filter(model, eqx.is_inexact_array) (and use the same filter for the"
+      " params given to update); for Flax NNX, nnx.state(model, nnx.Param), as"
+      " nnx.Optimizer does."
+    )

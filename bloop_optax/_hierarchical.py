@@ -96,6 +96,7 @@ def hierarchical_bloop(
   acc = None if accumulator_dtype is None else jnp.dtype(accumulator_dtype)
 
   def init_fn(params):
+    _checks.check_params(params, api)
     zeros = lambda: tm.zeros_accumulator(params, acc)
     return HierarchicalBloopState(
       steps=jnp.zeros([], jnp.int32),

@@ -25,8 +25,17 @@ class MainAux(NamedTuple):
 
 
 def _describe(tree: PyTree) -> str:
-  text = str(jax.tree.structure(tree))
-  return text if len(text) <= 300 else text[:297] + "..."
+  """A short phrase for a pytree's top level: its type, then keys, length or shape."""
+  name = type(tree).__name__
+  if hasattr(tree, "shape") and hasattr(tree, "dtype"):
+    return f"an array {jax.numpy.dtype(tree.dtype).name}{list(tree.shape)}"
+  if isinstance(tree, Mapping):
+    keys = sorted(map(repr, tree.keys()))
+    shown = ", ".join(keys[:6]) + (", ..." if len(keys) > 6 else "")
+    return f"a {name} with keys [{shown}]"
+  if isinstance(tree, (tuple, list)):
+    return f"a {name} of length {len(tree)}"
+  return f"a {name}"
 
 
 def split_pair(updates: Any, api: str) -> tuple[PyTree, PyTree]:
@@ -48,9 +57,9 @@ def split_pair(updates: Any, api: str) -> tuple[PyTree, PyTree]:
     f"{api}: expected updates=MainAux(main_grads, aux_grads) (or a 2-tuple,"
     " or a mapping with keys 0 and 1, or 'main' and 'aux', such as the"
     " nnx.State that Flax NNX builds from a pair); got"
-    f" {type(updates).__name__} with tree structure"
     f" {_describe(updates)}. Pass both gradients, e.g. the MainAux returned"
-    " by bloop_optax.value_and_grads."
+    " by bloop_optax.value_and_grads, not a single gradient; a transform placed"
+    " before this one in a chain must pass the pair through."
   )
 
 
@@ -64,10 +73,6 @@ def _n_trees(updates: Any, n: int) -> tuple[PyTree, ...] | None:
   return None
 
 
-def _length(updates: Any) -> Any:
-  return len(updates) if isinstance(updates, (tuple, list, Mapping)) else "not a sequence"
-
-
 def split_tuple(updates: Any, n: int, api: str) -> tuple[PyTree, ...]:
   """Returns ``n`` pytrees from a tuple or list of length ``n``, or a mapping
   with keys exactly ``0 .. n-1`` (what Flax NNX builds from a tuple)."""
@@ -77,8 +82,7 @@ def split_tuple(updates: Any, n: int, api: str) -> tuple[PyTree, ...]:
   raise TypeError(
     f"{api}: expected updates=(main_grads, aux_grads_1, ..., aux_grads_{n - 1}), a tuple"
     f" of {n} pytrees (one more than aux_weights), or a mapping with keys 0..{n - 1};"
-    f" got {type(updates).__name__} of length {_length(updates)} with tree structure"
-    f" {_describe(updates)}."
+    f" got {_describe(updates)}."
   )
 
 
@@ -92,7 +96,6 @@ def split_objectives(updates: Any, n: int, api: str) -> tuple[PyTree, ...]:
   raise TypeError(
     f"{api}: expected updates=(grads_0, ..., grads_{n - 1}), a tuple of {n} pytrees (one"
     f" per objective, num_objectives={n}), or a mapping with keys 0..{n - 1}; got"
-    f" {type(updates).__name__} of length {_length(updates)} with tree structure"
     f" {_describe(updates)}."
     " bloop_optax.value_and_grads returns such a tuple for a function of K losses."
   )
@@ -125,8 +128,16 @@ def _first_mismatch(left: PyTree, right: PyTree, shapes: bool = True) -> str | N
       if a != b:
         return f"key path {jax.tree_util.keystr(a)} vs {jax.tree_util.keystr(b)}"
     if len(left_paths) != len(right_paths):
-      return f"{len(left_paths)} leaves vs {len(right_paths)} leaves"
-    return f"tree structure {_describe(left)} vs {_describe(right)}"
+      extra = (left_paths if len(left_paths) > len(right_paths) else right_paths)[
+        min(len(left_paths), len(right_paths))
+      ]
+      return (
+        f"{len(left_paths)} leaves vs {len(right_paths)} leaves (first unmatched key"
+        f" path {jax.tree_util.keystr(extra)})"
+      )
+    return (
+      f"the node types differ along the same key paths ({_describe(left)} vs {_describe(right)})"
+    )
   if not shapes:
     return None
   for (path, a), (_, b) in zip(left_leaves, right_leaves, strict=True):

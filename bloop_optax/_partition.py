@@ -91,6 +91,7 @@ def partition(
     return jax.tree.map(lambda x, lab: x if lab == label else optax.MaskedNode(), tree, labels)
 
   def init_fn(params):
+    _checks.check_params(params, api)
     labels = labels_for(params)
     return PartitionState(
       inner_states={k: tx.init(mask(params, labels, k)) for k, tx in transforms.items()}

@@ -442,7 +442,7 @@ def test_bad_num_objectives_raises(bad):
 def test_wrong_number_of_gradients_raises():
   g = {"w": jnp.ones(2)}
   tx = agg.upgrad(3)
-  with pytest.raises(TypeError, match=r"tuple of 3 pytrees.*got tuple of length 2"):
+  with pytest.raises(TypeError, match=r"tuple of 3 pytrees.*got a tuple of length 2"):
     tx.update((g, g), tx.init(g))
 
 

@@ -450,7 +450,7 @@ def test_nonfinite_step_never_enters_the_ema(order, bad):
 def test_non_pair_updates_raise():
   m = {"w": jnp.ones(3)}
   tx = bloop_optax.bloop()
-  with pytest.raises(TypeError, match=r"expected updates=MainAux.*got dict"):
+  with pytest.raises(TypeError, match=r"expected updates=MainAux.*got a dict"):
     tx.update(m, tx.init(m))
   with pytest.raises(TypeError, match=r"got tuple"):
     tx.update((m, m, m), tx.init(m))
