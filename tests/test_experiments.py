@@ -129,7 +129,19 @@ def test_default_output_folder_is_ignored_by_git():
   assert done.returncode == 0, f"{probe} would show in git status"
 
 
-@pytest.mark.parametrize("task", [t for t in experiments.ALL_TASKS if t != "quadratics_cyclic"])
+# The tasks that compile their own models (a transformer, the multitask net, extra
+# EMA variants) take minutes: they run in the slow tier (pytest -m slow).
+SLOW_TASKS = {"text", "multitask", "ema_ablation", "three_objectives"}
+
+
+@pytest.mark.parametrize(
+  "task",
+  [
+    pytest.param(t, marks=[pytest.mark.slow] if t in SLOW_TASKS else [])
+    for t in experiments.ALL_TASKS
+    if t != "quadratics_cyclic"
+  ],
+)
 def test_every_task_runs_and_writes_its_outputs(task, tmp_path, capsys):
   assert experiments.main(["--task", task, "--quick", "--seeds", "2", "--out", str(tmp_path)]) == 0
   printed = capsys.readouterr().out

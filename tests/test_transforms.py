@@ -207,18 +207,17 @@ def test_zero_decay_bloop_equals_dynamic_barrier_when_unclipped():
   rng = np.random.default_rng(6)
   params = zeros_params()
   checked = 0
+  lam = 0.5
+  db_tx, bl_tx = bloop_optax.dynamic_barrier(lam), bloop_optax.bloop(lam, 0.0)
+  db_update, bl_update = jax.jit(db_tx.update), jax.jit(bl_tx.update)  # one compilation each
   for _ in range(20):
     m, a = random_tree(rng), random_tree(rng)
-    lam = 0.5
     r = flat(m) @ flat(a) / (flat(m) @ flat(m))
     if lam * r > 1:
       continue
     checked += 1
-    db_tx = bloop_optax.dynamic_barrier(lam)
-    db, _ = db_tx.update(MainAux(m, a), db_tx.init(params), params)
-    bl, _ = bloop_optax.bloop(lam, 0.0).update(
-      MainAux(m, a), bloop_optax.bloop(lam, 0.0).init(params), params
-    )
+    db, _ = db_update(MainAux(m, a), db_tx.init(params), params)
+    bl, _ = bl_update(MainAux(m, a), bl_tx.init(params), params)
     assert_close(flat(db), flat(bl), rtol=1e-5, atol=1e-5)
   assert checked >= 10
 
