@@ -395,3 +395,24 @@ def test_pair_mistakes_are_short_and_name_the_difference():
     tx.update(bloop_optax.MainAux(params, bad_aux), state)
   with pytest.raises(ValueError, match=r"key path \['w'\] vs \['c'\]"):
     tx.update(bloop_optax.MainAux(params, {**params, "c": jnp.ones(1)}), state)
+
+
+def test_nnx_forward_pass_runs_once_per_call():
+  from flax import nnx
+
+  Net = nnx_net()
+  model, rngs = Net(nnx.Rngs(0)), nnx.Rngs(1)
+  x, y = data()
+  calls = []
+
+  def counted(model, x, y, rngs):
+    calls.append(1)
+    return nnx_losses(model, x, y, rngs)
+
+  grad_fn = bloop_optax.value_and_grads(counted, has_aux=True)
+  grad_fn(model, x, y, rngs)
+  assert len(calls) == 1 and count(rngs) == 1
+  jitted = nnx.jit(grad_fn)
+  jitted(model, x, y, rngs)
+  jitted(model, x, y, rngs)
+  assert len(calls) == 2 and count(rngs) == 3  # one trace; the count moves every call

@@ -47,8 +47,9 @@ def surgery():
   return bloop_optax.bloop(0.5, ema_decay=0.9)
 
 
-def reference(after=optax.adam(1e-2), steps=4):
-  """Bloop's directions, then `after` applied to them: the chain, by hand."""
+def reference(steps=4):
+  """Bloop's directions, then Adam applied to them: the chain, by hand."""
+  after = optax.adam(1e-2)
   directions, _ = run(surgery(), steps)
   out, state = [], after.init(PARAMS)
   for d in directions:
