@@ -451,7 +451,7 @@ def test_non_pair_updates_raise():
   tx = bloop_optax.bloop()
   with pytest.raises(TypeError, match=r"expected updates=MainAux.*got a dict"):
     tx.update(m, tx.init(m))
-  with pytest.raises(TypeError, match=r"got tuple"):
+  with pytest.raises(TypeError, match=r"got a tuple of length 3"):
     tx.update((m, m, m), tx.init(m))
   with pytest.raises(TypeError, match=r"mapping with keys 0 and 1, or 'main' and 'aux'"):
     bloop_optax.pcgrad(1.0).update({"main": m, "extra": m}, bloop_optax.pcgrad(1.0).init(m))
