@@ -270,7 +270,12 @@ def _aggregator(
   _check_ema(ema_decay, api)
   acc = None if accumulator_dtype is None else jnp.dtype(accumulator_dtype)
   random = key is not None
-  if random and isinstance(key, numbers.Integral):
+  if random and (
+    isinstance(key, numbers.Integral)
+    or (jnp.ndim(key) == 0 and jnp.issubdtype(jnp.result_type(key), jnp.integer))
+  ):
+    # A seed: a Python int, or a 0-d integer array (optax.inject_hyperparams
+    # turns numeric arguments into arrays).
     key = jax.random.PRNGKey(key)
 
   def init_fn(params: PyTree) -> AggregatorState:

@@ -21,6 +21,14 @@ class PartitionState(NamedTuple):
   inner_states: dict[Hashable, Any]
 
 
+def _is_placeholder(params: Any) -> bool:
+  """Whether ``init`` is called by ``optax.tree.map_params`` (as ``optax.masked``
+  checks for it)."""
+  utils = getattr(getattr(optax, "tree_utils", None), "_state_utils", None)
+  placeholder = getattr(utils, "_ParamsPlaceholder", None)
+  return placeholder is not None and isinstance(params, placeholder)
+
+
 def _is_masked(x: Any) -> bool:
   return isinstance(x, optax.MaskedNode)
 
@@ -91,6 +99,8 @@ def partition(
     return jax.tree.map(lambda x, lab: x if lab == label else optax.MaskedNode(), tree, labels)
 
   def init_fn(params):
+    if _is_placeholder(params):  # optax.tree.map_params: every group holds the params
+      return PartitionState(inner_states={k: tx.init(params) for k, tx in transforms.items()})
     _checks.check_params(params, api)
     labels = labels_for(params)
     return PartitionState(

@@ -1,0 +1,131 @@
+"""Every transform the package exports, with the input it takes, for the tests
+that hold all of them to one contract (optax's, the accelerator lowering)."""
+
+from collections.abc import Callable
+import dataclasses
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import optax
+
+import bloop_optax
+from bloop_optax import aggregators
+
+
+@dataclasses.dataclass(frozen=True)
+class Case:
+  name: str
+  make: Callable[[], optax.GradientTransformation]
+  n: int  # 2: a MainAux pair; otherwise a tuple of n gradients
+  # The factory and its hyperparameters, for inject_hyperparams (None: not a
+  # plain factory, e.g. a wrapper of another transform).
+  factory: Callable[..., Any] | None = None
+  hyper: dict | None = None
+  static: tuple[str, ...] = ()
+
+  def updates(self, grads: list[Any]) -> Any:
+    return bloop_optax.MainAux(*grads) if self.n == 2 else tuple(grads)
+
+
+def _cases() -> list[Case]:
+  cases = [
+    Case(
+      "bloop",
+      lambda: bloop_optax.bloop(0.3, 0.9),
+      2,
+      bloop_optax.bloop,
+      {"aux_weight": 0.3, "ema_decay": 0.9},
+    ),
+    Case(
+      "bloop_project_first",
+      lambda: bloop_optax.bloop(0.3, 0.9, ema_order="project_first"),
+      2,
+      bloop_optax.bloop,
+      {"aux_weight": 0.3, "ema_decay": 0.9, "ema_order": "project_first"},
+      ("ema_order",),
+    ),
+    Case("mixed", lambda: bloop_optax.mixed(0.3), 2, bloop_optax.mixed, {"aux_weight": 0.3}),
+    Case(
+      "dynamic_barrier",
+      lambda: bloop_optax.dynamic_barrier(0.3),
+      2,
+      bloop_optax.dynamic_barrier,
+      {"aux_weight": 0.3},
+    ),
+    Case("pcgrad", lambda: bloop_optax.pcgrad(0.3), 2, bloop_optax.pcgrad, {"aux_weight": 0.3}),
+    Case(
+      "hierarchical_bloop",
+      lambda: bloop_optax.hierarchical_bloop((0.3, 0.1), 0.9),
+      3,
+      bloop_optax.hierarchical_bloop,
+      {"aux_weights": (0.3, 0.1), "ema_decay": 0.9},
+      ("aux_weights",),
+    ),
+    Case(
+      "multi_steps",
+      lambda: bloop_optax.multi_steps(bloop_optax.bloop(0.3, 0.9), every_k=2),
+      2,
+    ),
+    Case(
+      "partition",
+      lambda: bloop_optax.partition(
+        {"a": bloop_optax.bloop(0.3, 0.9), "b": bloop_optax.mixed(0.3)},
+        {"w": "a", "b": "b"},
+      ),
+      2,
+    ),
+    Case(
+      "aggregators.mean",
+      lambda: aggregators.mean(3),
+      3,
+      aggregators.mean,
+      {"num_objectives": 3},
+      ("num_objectives",),
+    ),
+  ]
+  for name in ("mgda", "pcgrad", "cagrad", "imtl_g", "aligned_mtl", "upgrad"):
+    factory = getattr(aggregators, name)
+    for decay in (None, 0.9):
+      suffix = "" if decay is None else "_ema"
+      hyper = {"num_objectives": 3, "ema_decay": decay}
+      static = ("num_objectives",) + (("ema_decay",) if decay is None else ())
+      cases.append(
+        Case(
+          f"aggregators.{name}{suffix}",
+          lambda f=factory, d=decay: f(3, ema_decay=d),
+          3,
+          factory,
+          hyper,
+          static,
+        )
+      )
+  return cases
+
+
+CASES = _cases()
+IDS = [c.name for c in CASES]
+
+
+def params(dtype=jnp.float32) -> dict:
+  """Leaf shapes unlike any state scalar or K-vector, so that tests can tell the
+  state's parameter-shaped leaves apart."""
+  return {
+    "w": jnp.linspace(-1.0, 1.0, 20, dtype=dtype).reshape(4, 5),
+    "b": jnp.linspace(0.5, -1.0, 7, dtype=dtype),
+  }
+
+
+def grads(case: Case, step: int = 0, dtype=jnp.float32) -> Any:
+  """``case.n`` conflicting gradients shaped like :func:`params`, moving with step."""
+  p = params(jnp.float32)
+  out = []
+  for i in range(case.n):
+    sign = -1.0 if i % 2 else 1.0
+    out.append(
+      jax.tree.map(
+        lambda x, i=i, sign=sign: (sign * (x + 0.3 * i + 0.1 * step) + 0.2 * (i + 1)).astype(dtype),
+        p,
+      )
+    )
+  return case.updates(out)
