@@ -71,7 +71,7 @@ def _cases() -> list[Case]:
       "partition",
       lambda: bloop_optax.partition(
         {"a": bloop_optax.bloop(0.3, 0.9), "b": bloop_optax.mixed(0.3)},
-        {"w": "a", "b": "b"},
+        lambda p: {k: "b" if k == "b" else "a" for k in p},
       ),
       2,
     ),
@@ -116,9 +116,10 @@ def params(dtype=jnp.float32) -> dict:
   }
 
 
-def grads(case: Case, step: int = 0, dtype=jnp.float32) -> Any:
-  """``case.n`` conflicting gradients shaped like :func:`params`, moving with step."""
-  p = params(jnp.float32)
+def grads(case: Case, step: int = 0, dtype=jnp.float32, like: Any = None) -> Any:
+  """``case.n`` conflicting gradients shaped like :func:`params` (or ``like``),
+  moving with step."""
+  p = params(jnp.float32) if like is None else like
   out = []
   for i in range(case.n):
     sign = -1.0 if i % 2 else 1.0

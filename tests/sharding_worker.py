@@ -23,6 +23,9 @@ import optax  # noqa: E402
 
 import bloop_optax  # noqa: E402
 
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+from tests import catalogue  # noqa: E402
+
 COLLECTIVE = re.compile(
   r"=\s*(.+?)\s+(all-reduce|all-gather|reduce-scatter|all-to-all|"
   r"collective-permute)(-start)?\("
@@ -113,7 +116,28 @@ def main(axis_type_name):
       "collectives": collectives(agg_hlo),
     }
 
+  # optax's sharding contract: on an explicit mesh, a step leaves the type of
+  # every state leaf (shape, dtype and sharding) as init made it.
+  state_types = {}
+  if axis_type_name == "Explicit":
+    typeof = getattr(jax, "typeof", None) or jax.core.get_aval
+    for case in catalogue.CASES:
+      tx = case.make()
+      with set_mesh(mesh):
+        p = put(params)
+        before = jax.jit(tx.init)(p)
+        updates = catalogue.grads(case, 1, like=params)
+        updates = (
+          type(updates)(*[put(t) for t in updates])
+          if case.n == 2
+          else tuple(put(t) for t in updates)
+        )
+        _, after = jax.jit(tx.update)(updates, before, p)
+      kinds = lambda t: [str(typeof(x)) for x in jax.tree.leaves(t)]
+      state_types[case.name] = kinds(before) == kinds(after)
+
   return {
+    "state_types": state_types,
     "aggregators": agg_report,
     "devices": jax.device_count(),
     "params_max_diff": diff(p8, p1),

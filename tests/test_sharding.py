@@ -66,3 +66,15 @@ def test_aggregators_sharded_equal_single_device_and_communicate_only_scalars(re
       assert op == "all-reduce", (name, op, shape)
       arrays = re.findall(r"\w+\[[^\]]*\]", shape)
       assert arrays and all(a.endswith("[]") for a in arrays), (name, shape)
+
+
+def test_every_transform_keeps_its_state_types_on_an_explicit_mesh(report):
+  """optax's sharding contract: jax.typeof of every state leaf (with its
+  sharding) is the same after a step as after init, for every exported
+  transform (tests/catalogue.py)."""
+  if not report["state_types"]:
+    pytest.skip("checked on the Explicit mesh")
+  from tests.catalogue import IDS
+
+  assert set(report["state_types"]) == set(IDS)
+  assert all(report["state_types"].values()), report["state_types"]
