@@ -337,6 +337,79 @@ def aggregator_step(ks, sizes, rounds, inner):
   return [row for n in sizes for k in ks for row in _aggregator_step_at(k, n, rounds, inner)]
 
 
+def _many_objectives_at(k, n, rounds, inner):
+  """Compile time, step time against mean + adam, and the weight rule's own
+  time (on a K x K Gram matrix: it does not grow with the model), for K
+  objectives."""
+  import jax
+  import jax.numpy as jnp
+  import optax
+
+  from bloop_optax import aggregators
+
+  params = _params(n)
+  count = sum(x.size for x in jax.tree.leaves(params))
+  grads = tuple(_params(n, seed=1 + i) for i in range(k))
+  rng = np.random.default_rng(0)
+  jac = rng.standard_normal((k, 4 * k)).astype(np.float32)
+  gram = jnp.asarray(jac @ jac.T)
+  orders = jnp.tile(jnp.arange(k), (k, 1))
+  rules = {
+    "mean": aggregators.mean_weights,
+    "mgda": aggregators.mgda_weights,
+    "pcgrad": lambda g: aggregators.pcgrad_weights(g, orders),
+    "cagrad": aggregators.cagrad_weights,
+    "imtl_g": aggregators.imtl_g_weights,
+    "aligned_mtl": aggregators.aligned_mtl_weights,
+    "upgrad": aggregators.upgrad_weights,
+  }
+  fns, compile_seconds, rule_seconds = {}, {}, {}
+  for name, kwargs in AGGREGATOR_VARIANTS:
+    label = name + ("(EMA)" if kwargs else "")
+    tx = optax.chain(getattr(aggregators, name)(k, **kwargs), optax.adam(1e-3))
+
+    def step(p, s, g, tx=tx):
+      u, s = tx.update(g, s, p)
+      return optax.apply_updates(p, u), s
+
+    def init(tx=tx):
+      return jax.tree.map(lambda x: x.copy(), params), tx.init(params), grads
+
+    start = time.perf_counter()
+    compiled = jax.jit(step, donate_argnums=(0, 1)).lower(*init()).compile()
+    compile_seconds[label] = time.perf_counter() - start
+
+    def call(carry, compiled=compiled):
+      return (*compiled(*carry), carry[2])
+
+    fns[label] = (init, call)
+    rule = jax.jit(rules[name])
+    jax.block_until_ready(rule(gram))
+    start = time.perf_counter()
+    for _ in range(20):
+      out = rule(gram)
+    jax.block_until_ready(out)
+    rule_seconds[label] = (time.perf_counter() - start) / 20
+  times = _time_interleaved(fns, rounds, inner)
+  return [
+    {
+      "objectives": k,
+      "params": count,
+      "variant": label,
+      "compile_seconds": compile_seconds[label],
+      "seconds": t,
+      "ratio_to_mean_adam": t / times["mean"],
+      "rule_seconds": rule_seconds[label],
+    }
+    for label, t in times.items()
+  ]
+
+
+def many_objectives(ks, sizes, rounds, inner):
+  """The aggregators at K = 16 and 64 objectives (8 leaves)."""
+  return [row for n in sizes for k in ks for row in _many_objectives_at(k, n, rounds, inner)]
+
+
 # ---------------------------------------------------------------- full steps
 
 
@@ -588,6 +661,12 @@ def main(argv=None):
     " mean + adam",
   )
   parser.add_argument(
+    "--many-objectives",
+    action="store_true",
+    help="run only the table of the aggregators at K = 16 and 64 objectives: compile time,"
+    " step time against mean + adam, and the weight rule's own time",
+  )
+  parser.add_argument(
     "--out", type=pathlib.Path, default=RESULTS, help="folder for the JSON results"
   )
   args = parser.parse_args(argv)
@@ -615,6 +694,26 @@ def main(argv=None):
       )
     )
     name = f"speed_scaling_{report['machine']['backend']}.json"
+  elif args.many_objectives:
+    sizes = [2**14] if args.quick else [2**18, 2**20]
+    ks = [16] if args.quick else [16, 64]
+    report["many_objectives"] = many_objectives(ks, sizes, rounds, inner)
+    print("== aggregator + adam at many objectives, ratios to mean + adam (8 leaves)")
+    print(
+      _table(
+        report["many_objectives"],
+        [
+          ("params", 10, str),
+          ("objectives", 11, str),
+          ("variant", 14, str),
+          ("compile_seconds", 16, lambda x: f"{x:.1f}"),
+          ("seconds", 11, g),
+          ("ratio_to_mean_adam", 20, lambda x: f"{x:.3f}"),
+          ("rule_seconds", 13, g),
+        ],
+      )
+    )
+    name = f"speed_many_objectives_{report['machine']['backend']}.json"
   elif args.aggregators:
     sizes = [2**16] if args.quick else [2**20, 2**22]
     report["aggregators"] = aggregator_step([2, 4, 8], sizes, rounds, inner)

@@ -245,13 +245,25 @@ def _check_ema(ema_decay: Any, api: str) -> None:
     _checks.check_ema_decay(ema_decay, api)
 
 
-def _gram(dots: tm.Dots, k: int) -> jax.Array:
-  """The Gram matrix from ``safe_dots`` over the pairs ``i <= j``, scaled by
-  the common factor ``4**-max(e)`` (exact, and harmless: every rule is scale
+# From this many objectives on, the Gram matrix is one stacked product per leaf
+# (tm.gram): compile time then grows with the leaves, not with K² pairwise
+# reductions, at the cost of a temporary as large as the K gradients. Below it,
+# the K(K+1)/2 pairwise products keep no parameter-sized temporary.
+DENSE_GRAM_FROM = 9
+
+
+def _gram(trees, k: int, skip_slow: jax.Array | bool = False) -> tuple[jax.Array, jax.Array]:
+  """The Gram matrix of ``trees`` and whether they were finite, scaled by the
+  common factor ``4**-max(e)`` (exact, and harmless: every rule is scale
   invariant)."""
-  gram = tm.matrix_from_pairs(dots.values, _upper(k), (k, k), symmetric=True)
+  if k >= DENSE_GRAM_FROM:
+    dots = tm.gram(trees, skip_slow)
+    gram = dots.values
+  else:
+    dots = tm.safe_dots(trees, _upper(k), skip_slow)
+    gram = tm.matrix_from_pairs(dots.values, _upper(k), (k, k), symmetric=True)
   shift = dots.exps[:, None] + dots.exps[None, :] - 2 * jnp.max(dots.exps)
-  return jnp.ldexp(gram, shift)
+  return jnp.ldexp(gram, shift), dots.finite
 
 
 def _upper(k: int) -> list[tuple[int, int]]:
@@ -296,8 +308,8 @@ def _aggregator(
     del params, extra
     grads = _pair.split_objectives_checked(updates, k, api)
     if state.grad_emas is None:
-      dots = tm.safe_dots(grads, _upper(k))
-      finite, emas = dots.finite, None
+      gram, finite = _gram(grads, k)
+      emas = None
     else:
       _pair.check_same_layout(
         grads[0],
@@ -309,13 +321,15 @@ def _aggregator(
       )
       # Finiteness first (one read of every gradient), so that the EMAs can
       # be written in place; then the Gram matrix of the EMAs.
-      finite = tm.safe_dots(grads, [(i, i) for i in range(k)]).finite
+      if k >= DENSE_GRAM_FROM:
+        finite = tm.all_finite(grads)
+      else:
+        finite = tm.safe_dots(grads, [(i, i) for i in range(k)]).finite
       beta = jnp.asarray(ema_decay, jnp.result_type(float))
       emas = tuple(
         tm.ema_update(e, g, beta, finite) for e, g in zip(state.grad_emas, grads, strict=True)
       )
-      dots = tm.safe_dots(emas, _upper(k), skip_slow=~finite)
-    gram = _gram(dots, k)
+      gram, _ = _gram(emas, k, skip_slow=~finite)
     rng_key, sub = jax.random.split(state.rng_key) if random else (None, None)
     weights = rule(gram, sub)
     weights = jnp.where(finite, weights, jnp.nan)

@@ -274,3 +274,93 @@ def scaled_ratio(num: jax.Array, den: jax.Array, exp: jax.Array) -> jax.Array:
   """``(num / den) * 2**exp`` with the zero-norm rule of :func:`ratio`."""
   r = ratio(num, den)
   return jnp.ldexp(r, exp.astype(jnp.int32))
+
+
+def all_finite(trees: Sequence[PyTree]) -> jax.Array:
+  """Whether every element of every tree is finite: one max-magnitude reduction
+  per leaf (never misled by an overflowing sum)."""
+  checks = [jnp.isfinite(jnp.max(jnp.abs(x), initial=0)) for t in trees for x in jax.tree.leaves(t)]
+  return jnp.all(jnp.stack(checks)) if checks else jnp.ones([], bool)
+
+
+def _self_product(stacked: jax.Array) -> jax.Array:
+  """``stacked @ stacked.T`` over every axis but the first, at full precision.
+
+  On an explicit mesh a product over sharded axes must be told its output's
+  sharding: the K x K result is replicated (its partial sums all-reduced)."""
+  axes = tuple(range(1, stacked.ndim))
+  numbers = ((axes, axes), ((), ()))
+  try:
+    return lax.dot_general(stacked, stacked, numbers, precision=lax.Precision.HIGHEST)
+  except Exception as err:  # jax's ShardingTypeError, whose home moved between versions
+    if "out_sharding" not in str(err):
+      raise
+    replicated = jax.sharding.PartitionSpec()
+    typeof = getattr(jax, "typeof", None) or jax.core.get_aval
+    mesh = getattr(getattr(typeof(stacked), "sharding", None), "mesh", None)
+    for out in (replicated, jax.sharding.NamedSharding(mesh, replicated)):
+      try:  # newer jax takes a PartitionSpec; jax 0.6 needs a NamedSharding
+        return lax.dot_general(
+          stacked, stacked, numbers, precision=lax.Precision.HIGHEST, out_sharding=out
+        )
+      except NotImplementedError:
+        continue
+    raise err
+
+
+def gram(trees: Sequence[PyTree], skip_slow: jax.Array | bool = False) -> Dots:
+  """The Gram matrix ``<trees[i], trees[j]>`` of K trees, exact at any scale.
+
+  One product per leaf of the K stacked leaves (``dot_general`` contracting
+  every axis of the leaf, at full precision), so the compiled program grows
+  with the number of leaves, not with K²; it stores the stacked leaves, a
+  temporary as large as the K trees together. ``values`` is the K × K matrix
+  with ``<X_i, X_j> = values[i, j] * 2**(e_i + e_j)``, as in :func:`safe_dots`:
+  when a float32 entry is not finite, one ``lax.cond`` branch tells NaN and
+  Inf inputs apart from overflow, scales every leaf by exact powers of two
+  from its largest magnitude and multiplies again.
+  """
+  k = len(trees)
+  per_leaf = list(zip(*(jax.tree.leaves(t) for t in trees), strict=True))
+
+  def product(scales=None):
+    total = None
+    for n, xs in enumerate(per_leaf):
+      w = wide(*(x.dtype for x in xs))
+      stacked = jnp.stack([x.astype(w) for x in xs])
+      if scales is not None:
+        a, b, _ = scales
+        shape = (k,) + (1,) * (stacked.ndim - 1)
+        stacked = stacked * a[:, n].astype(w).reshape(shape) * b[:, n].astype(w).reshape(shape)
+      part = _self_product(stacked).astype(w)
+      if scales is not None:
+        back = scales[2][:, n].astype(w)
+        part = part * back[:, None] * back[None, :]
+      total = part if total is None else total.astype(wide(total.dtype, w)) + part
+    return total
+
+  fast = product()
+
+  def fast_path():
+    return Dots(fast, jnp.zeros([k], jnp.int32), jnp.ones([], bool))
+
+  def slow_path():
+    maxima = jnp.stack(
+      [
+        jnp.stack([jnp.max(jnp.abs(x), initial=0).astype(jnp.float32) for x in xs])
+        for xs in per_leaf
+      ],
+      axis=1,
+    )  # [K, leaves]
+    finite = jnp.all(jnp.isfinite(maxima))
+    leaf_exps = _exponent(maxima)
+    tree_exps = jnp.max(leaf_exps, axis=1)
+    half = leaf_exps // 2
+    one = jnp.ones((), jnp.float32)
+    a, b = jnp.ldexp(one, -half), jnp.ldexp(one, half - leaf_exps)
+    back = jnp.ldexp(one, leaf_exps - tree_exps[:, None])  # <= 1
+    values = product((a, b, back)).astype(fast.dtype)
+    return Dots(jnp.where(finite, values, jnp.nan), tree_exps, finite)
+
+  overflow = ~jnp.all(jnp.isfinite(fast)) & ~jnp.asarray(skip_slow)
+  return lax.cond(overflow, slow_path, fast_path)

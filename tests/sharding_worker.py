@@ -116,6 +116,30 @@ def main(axis_type_name):
       "collectives": collectives(agg_hlo),
     }
 
+  # Many objectives: from aggregators.DENSE_GRAM_FROM on, the Gram matrix is one
+  # stacked product per leaf; its all-reduces carry the K x K matrix.
+  many = [tuple(tree(1.0) for _ in range(12)) for _ in range(2)]
+  many_tx = optax.chain(aggregators.upgrad(12, ema_decay=0.8), optax.sgd(0.1))
+
+  def run_many(put):
+    update = jax.jit(many_tx.update)
+    p = put(params)
+    state = jax.jit(many_tx.init)(p)
+    for grads in many:
+      d, state = update(tuple(put(g) for g in grads), state, p)
+      p = optax.apply_updates(p, d)
+    return p, d, update, state
+
+  r1, _, _, _ = run_many(lambda t: jax.device_put(t, single_dev))
+  with set_mesh(mesh):
+    r8, d_many, update, state = run_many(put)
+    many_hlo = update.lower(tuple(put(g) for g in many[0]), state, put(params)).compile().as_text()
+  agg_report["upgrad_ema_k12"] = {
+    "params_max_diff": diff(r8, r1),
+    "direction_keeps_sharding": all(same_sharding(d_many).values()),
+    "collectives": collectives(many_hlo),
+  }
+
   # optax's sharding contract: on an explicit mesh, a step leaves the type of
   # every state leaf (shape, dtype and sharding) as init made it.
   state_types = {}
