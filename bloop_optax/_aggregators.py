@@ -245,10 +245,11 @@ def _check_ema(ema_decay: Any, api: str) -> None:
     _checks.check_ema_decay(ema_decay, api)
 
 
-# From this many objectives on, the Gram matrix is one stacked product per leaf
-# (tm.gram): compile time then grows with the leaves, not with K² pairwise
-# reductions, at the cost of a temporary as large as the K gradients. Below it,
-# the K(K+1)/2 pairwise products keep no parameter-sized temporary.
+# From this many objectives on, the Gram matrix's overflow branch is one
+# stacked product per leaf (tm.gram) instead of a branch per pair: compile time
+# then no longer grows steeply with K, at the cost of a temporary as large as
+# the K gradients in that branch. Below it no step keeps a parameter-sized
+# temporary.
 DENSE_GRAM_FROM = 9
 
 

@@ -308,22 +308,30 @@ def _self_product(stacked: jax.Array) -> jax.Array:
     raise err
 
 
+# Above this many per-leaf reductions (pairs times leaves), the ordinary path of
+# :func:`gram` is also the stacked product: XLA compiles tens of thousands of
+# reductions slowly (about 15 s for 64 trees of 8 leaves on a 2-core CPU).
+MAX_PAIRWISE_REDUCTIONS = 20_000
+
+
 def gram(trees: Sequence[PyTree], skip_slow: jax.Array | bool = False) -> Dots:
   """The Gram matrix ``<trees[i], trees[j]>`` of K trees, exact at any scale.
 
-  One product per leaf of the K stacked leaves (``dot_general`` contracting
-  every axis of the leaf, at full precision), so the compiled program grows
-  with the number of leaves, not with K²; it stores the stacked leaves, a
-  temporary as large as the K trees together. ``values`` is the K × K matrix
-  with ``<X_i, X_j> = values[i, j] * 2**(e_i + e_j)``, as in :func:`safe_dots`:
-  when a float32 entry is not finite, one ``lax.cond`` branch tells NaN and
-  Inf inputs apart from overflow, scales every leaf by exact powers of two
-  from its largest magnitude and multiplies again.
+  ``values`` is the K x K matrix with ``<X_i, X_j> = values[i, j] * 2**(e_i +
+  e_j)``, as in :func:`safe_dots`. The ordinary path is the K(K+1)/2 pairwise
+  float32 sums (one reduction per leaf each, which XLA compiles quickly and
+  runs at memory speed). When one is not finite, ONE ``lax.cond`` branch tells
+  NaN and Inf inputs apart from overflow, scales every leaf by exact powers of
+  two from its largest magnitude and takes one full-precision product of the
+  K stacked leaves per leaf: the compiled program grows with the leaves, not
+  with a branch per pair (which made compile time grow steeply with K). That
+  branch stores the stacked leaves, a temporary as large as the K trees. Past
+  ``MAX_PAIRWISE_REDUCTIONS`` the ordinary path is that product too.
   """
   k = len(trees)
   per_leaf = list(zip(*(jax.tree.leaves(t) for t in trees), strict=True))
 
-  def product(scales=None):
+  def product(scales):
     total = None
     for n, xs in enumerate(per_leaf):
       w = wide(*(x.dtype for x in xs))
@@ -339,7 +347,13 @@ def gram(trees: Sequence[PyTree], skip_slow: jax.Array | bool = False) -> Dots:
       total = part if total is None else total.astype(wide(total.dtype, w)) + part
     return total
 
-  fast = product()
+  pairs = [(i, j) for i in range(k) for j in range(i, k)]
+  if len(pairs) * len(per_leaf) <= MAX_PAIRWISE_REDUCTIONS:
+    fast = matrix_from_pairs(
+      tree_dots(*((trees[i], trees[j]) for i, j in pairs)), pairs, (k, k), symmetric=True
+    )
+  else:  # too many reductions to compile quickly: the stacked product (slower on XLA:CPU)
+    fast = product(None)
 
   def fast_path():
     return Dots(fast, jnp.zeros([k], jnp.int32), jnp.ones([], bool))

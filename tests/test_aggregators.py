@@ -489,12 +489,15 @@ def weights_on_exact_gram(name, jac, k):
   return np.asarray(JITTED[name](gram), np.float64)
 
 
+@pytest.mark.parametrize("stacked", [False, True], ids=["pairwise", "stacked"])
 @pytest.mark.parametrize("scale", [1.0, 1e30])
-def test_dense_gram_equals_the_exact_gram_at_any_scale(scale):
+def test_dense_gram_equals_the_exact_gram_at_any_scale(scale, stacked, monkeypatch):
   """From DENSE_GRAM_FROM objectives on, the Gram matrix is one stacked product
   per leaf: equal to the float64 Gram matrix, also where float32 sums overflow,
   and NaN inputs are told apart from overflow."""
   k = bloop_optax._aggregators.DENSE_GRAM_FROM + 3
+  if stacked:  # the ordinary path as for very many objectives or leaves
+    monkeypatch.setattr(bloop_optax._tree_math, "MAX_PAIRWISE_REDUCTIONS", 0)
   rng = np.random.default_rng(11)
   trees = tuple(random_tree(rng, scale=scale * float(s)) for s in rng.uniform(0.1, 3, k))
   jac = np.stack([flat(t) for t in trees])
