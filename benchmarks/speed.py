@@ -667,6 +667,13 @@ def main(argv=None):
     " step time against mean + adam, and the weight rule's own time",
   )
   parser.add_argument(
+    "--objectives",
+    type=int,
+    nargs="+",
+    default=[16, 64],
+    help="with --many-objectives: the numbers of objectives K to measure",
+  )
+  parser.add_argument(
     "--out", type=pathlib.Path, default=RESULTS, help="folder for the JSON results"
   )
   args = parser.parse_args(argv)
@@ -696,7 +703,7 @@ def main(argv=None):
     name = f"speed_scaling_{report['machine']['backend']}.json"
   elif args.many_objectives:
     sizes = [2**14] if args.quick else [2**18, 2**20]
-    ks = [16] if args.quick else [16, 64]
+    ks = [16] if args.quick else args.objectives
     report["many_objectives"] = many_objectives(ks, sizes, rounds, inner)
     print("== aggregator + adam at many objectives, ratios to mean + adam (8 leaves)")
     print(
@@ -713,7 +720,8 @@ def main(argv=None):
         ],
       )
     )
-    name = f"speed_many_objectives_{report['machine']['backend']}.json"
+    suffix = "" if ks == [16, 64] else "_k" + "_".join(map(str, ks))
+    name = f"speed_many_objectives{suffix}_{report['machine']['backend']}.json"
   elif args.aggregators:
     sizes = [2**16] if args.quick else [2**20, 2**22]
     report["aggregators"] = aggregator_step([2, 4, 8], sizes, rounds, inner)

@@ -309,9 +309,12 @@ def _self_product(stacked: jax.Array) -> jax.Array:
 
 
 # Above this many per-leaf reductions (pairs times leaves), the ordinary path of
-# :func:`gram` is also the stacked product: XLA compiles tens of thousands of
-# reductions slowly (about 15 s for 64 trees of 8 leaves on a 2-core CPU).
-MAX_PAIRWISE_REDUCTIONS = 20_000
+# :func:`gram` is also the stacked product. Measured on a 2-core CPU with 8
+# leaves (benchmarks.speed --many-objectives): at K = 16 (1,088 reductions) the
+# pairwise sums run 7.3x `mean` + adam against 12x for the stacked product; at
+# K = 64 (16,640) they take 36-51 s to compile and run 21-25x, the stacked
+# product 2-4 s and 16-20x.
+MAX_PAIRWISE_REDUCTIONS = 4096
 
 
 def gram(trees: Sequence[PyTree], skip_slow: jax.Array | bool = False) -> Dots:
