@@ -11,18 +11,14 @@ processes resumes bit for bit.
 
 import os
 
-os.environ["XLA_FLAGS"] = "--xla_force_host_platform_device_count=4"
+if __name__ == "__main__":  # before JAX starts; never when pytest imports this file
+  os.environ["XLA_FLAGS"] = "--xla_force_host_platform_device_count=4"
 
 import json  # noqa: E402
 import re  # noqa: E402
 import sys  # noqa: E402
 
 import jax  # noqa: E402
-
-jax.config.update("jax_cpu_collectives_implementation", "gloo")
-PROCESS, PORT, CHECKPOINTS = int(sys.argv[1]), int(sys.argv[2]), sys.argv[3]
-jax.distributed.initialize(f"127.0.0.1:{PORT}", num_processes=2, process_id=PROCESS)
-
 from jax.experimental import multihost_utils  # noqa: E402
 from jax.sharding import NamedSharding  # noqa: E402
 from jax.sharding import PartitionSpec as P  # noqa: E402
@@ -49,7 +45,7 @@ def data(seed, n):
   ]
 
 
-def main():
+def main(process, checkpoints):
   mesh = jax.make_mesh((8,), ("data",))
   assert jax.device_count() == 8 and jax.local_device_count() == 4
   shard = {k: NamedSharding(mesh, s) for k, s in SPECS.items()}
@@ -105,12 +101,12 @@ def main():
       "all_reduce_shapes": re.findall(r"=\s*(\S.*?)\s+all-reduce(?:-start)?\(", hlo),
     }
   with SET_MESH(mesh):
-    report["checkpoint"] = checkpoint_resumes(global_tree, params)
-  if PROCESS == 0:
+    report["checkpoint"] = checkpoint_resumes(global_tree, params, checkpoints)
+  if process == 0:
     print(json.dumps(report))
 
 
-def checkpoint_resumes(global_tree, params):
+def checkpoint_resumes(global_tree, params, checkpoints):
   """Both processes save the sharded optimizer state with orbax, restore it
   into tx.init's template and continue: equal, bit for bit, to not stopping."""
   try:
@@ -131,7 +127,7 @@ def checkpoint_resumes(global_tree, params):
   p_mid, s_mid = go(p, jax.jit(tx.init)(p), steps[:2])
   p_end, s_end = go(p_mid, s_mid, steps[2:])
   checkpointer = ocp.StandardCheckpointer()
-  path = os.path.join(CHECKPOINTS, "state")
+  path = os.path.join(checkpoints, "state")
   checkpointer.save(path, {"params": p_mid, "opt_state": s_mid})
   checkpointer.wait_until_finished()
   template = {"params": p_mid, "opt_state": jax.jit(tx.init)(p_mid)}
@@ -151,5 +147,8 @@ def checkpoint_resumes(global_tree, params):
 
 
 if __name__ == "__main__":
-  main()
+  process, port, checkpoints = int(sys.argv[1]), int(sys.argv[2]), sys.argv[3]
+  jax.config.update("jax_cpu_collectives_implementation", "gloo")
+  jax.distributed.initialize(f"127.0.0.1:{port}", num_processes=2, process_id=process)
+  main(process, checkpoints)
   jax.distributed.shutdown()
