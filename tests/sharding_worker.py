@@ -82,23 +82,27 @@ def main(axis_type_name):
   from bloop_optax import aggregators
 
   triples = [(tree(1.0), tree(1.0), tree(1.0)) for _ in range(3)]
+  # Many objectives: from aggregators.DENSE_GRAM_FROM on, the Gram matrix's
+  # overflow branch is one stacked product per leaf; it all-reduces the K x K matrix.
+  many = [tuple(tree(1.0) for _ in range(12)) for _ in range(2)]
   agg_report = {}
-  for name, agg_tx in [
-    ("mgda", aggregators.mgda(3)),
-    ("upgrad_ema", aggregators.upgrad(3, ema_decay=0.8)),
-    ("cagrad_ema", aggregators.cagrad(3, ema_decay=0.8)),
-    ("pcgrad", aggregators.pcgrad(3, key=1)),
-    ("imtl_g", aggregators.imtl_g(3)),
-    ("aligned_mtl", aggregators.aligned_mtl(3)),
-    ("hierarchical_bloop", bloop_optax.hierarchical_bloop((0.5, 0.5), 0.8)),
+  for name, agg_tx, steps_of_grads in [
+    ("mgda", aggregators.mgda(3), triples),
+    ("upgrad_ema", aggregators.upgrad(3, ema_decay=0.8), triples),
+    ("cagrad_ema", aggregators.cagrad(3, ema_decay=0.8), triples),
+    ("pcgrad", aggregators.pcgrad(3, key=1), triples),
+    ("imtl_g", aggregators.imtl_g(3), triples),
+    ("aligned_mtl", aggregators.aligned_mtl(3), triples),
+    ("hierarchical_bloop", bloop_optax.hierarchical_bloop((0.5, 0.5), 0.8), triples),
+    ("upgrad_ema_k12", aggregators.upgrad(12, ema_decay=0.8), many),
   ]:
     chain = optax.chain(agg_tx, optax.sgd(0.1))
 
-    def run_agg(put, chain=chain):
+    def run_agg(put, chain=chain, steps_of_grads=steps_of_grads):
       update = jax.jit(chain.update)
       p = put(params)
       state = jax.jit(chain.init)(p)
-      for grads in triples:
+      for grads in steps_of_grads:
         d, state = update(tuple(put(g) for g in grads), state, p)
         p = optax.apply_updates(p, d)
       return p, d, update
@@ -106,39 +110,14 @@ def main(axis_type_name):
     q1, _, _ = run_agg(lambda t: jax.device_put(t, single_dev))
     with set_mesh(mesh):
       q8, d8_agg, update = run_agg(put)
-      lowered = update.lower(
-        tuple(put(g) for g in triples[0]), jax.jit(chain.init)(put(params)), put(params)
-      )
+      first = tuple(put(g) for g in steps_of_grads[0])
+      lowered = update.lower(first, jax.jit(chain.init)(put(params)), put(params))
       agg_hlo = lowered.compile().as_text()
     agg_report[name] = {
       "params_max_diff": diff(q8, q1),
       "direction_keeps_sharding": all(same_sharding(d8_agg).values()),
       "collectives": collectives(agg_hlo),
     }
-
-  # Many objectives: from aggregators.DENSE_GRAM_FROM on, the Gram matrix is one
-  # stacked product per leaf; its all-reduces carry the K x K matrix.
-  many = [tuple(tree(1.0) for _ in range(12)) for _ in range(2)]
-  many_tx = optax.chain(aggregators.upgrad(12, ema_decay=0.8), optax.sgd(0.1))
-
-  def run_many(put):
-    update = jax.jit(many_tx.update)
-    p = put(params)
-    state = jax.jit(many_tx.init)(p)
-    for grads in many:
-      d, state = update(tuple(put(g) for g in grads), state, p)
-      p = optax.apply_updates(p, d)
-    return p, d, update, state
-
-  r1, _, _, _ = run_many(lambda t: jax.device_put(t, single_dev))
-  with set_mesh(mesh):
-    r8, d_many, update, state = run_many(put)
-    many_hlo = update.lower(tuple(put(g) for g in many[0]), state, put(params)).compile().as_text()
-  agg_report["upgrad_ema_k12"] = {
-    "params_max_diff": diff(r8, r1),
-    "direction_keeps_sharding": all(same_sharding(d_many).values()),
-    "collectives": collectives(many_hlo),
-  }
 
   # optax's sharding contract: on an explicit mesh, a step leaves the type of
   # every state leaf (shape, dtype and sharding) as init made it.
