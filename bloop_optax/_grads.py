@@ -24,6 +24,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from bloop_optax._pair import MainAux
+from bloop_optax._pair import _describe
 
 _API = "value_and_grads"
 
@@ -35,7 +36,7 @@ def _losses(out: Any, has_aux: bool) -> tuple[jax.Array, ...]:
     raise TypeError(
       f"{_API}: expected fun to return {expected} with scalar"
       f" losses (or more aux losses after the main one); got"
-      f" {_short(out)}." + ("" if has_aux else " If fun also returns data, pass has_aux=True.")
+      f" {_describe(out)}." + ("" if has_aux else " If fun also returns data, pass has_aux=True.")
     )
   auxes = ["aux_loss"] if len(out) == 2 else [f"aux_loss_{k}" for k in range(1, len(out))]
   names = ["main_loss", *auxes]
@@ -47,15 +48,6 @@ def _losses(out: Any, has_aux: bool) -> tuple[jax.Array, ...]:
         " Reduce it (e.g. with .mean()) inside fun."
       )
   return tuple(out)
-
-
-def _short(x: Any) -> str:
-  """One short phrase for a value: its type and, for arrays, shape and dtype."""
-  if hasattr(x, "shape") and hasattr(x, "dtype"):
-    return f"{jnp.dtype(x.dtype).name}{list(x.shape)}"
-  if isinstance(x, (tuple, list)):
-    return f"{type(x).__name__} of length {len(x)}"
-  return type(x).__name__
 
 
 # ------------------------------------------------------------------ frameworks
@@ -101,7 +93,7 @@ def _check_differentiable(tree: Any, where: str) -> None:
       continue
     at = f"{where} at {jax.tree_util.keystr(path) or 'the root'}"
     if isinstance(leaf, (jax.Array, np.ndarray, bool, int, np.generic)):
-      kind = f"an integer or boolean leaf, {_short(jnp.asarray(leaf))}"
+      kind = f"an integer or boolean leaf, {_describe(jnp.asarray(leaf))}"
     else:
       kind = f"a non-array leaf, {type(leaf).__name__} {str(leaf)[:60]!r}"
     raise TypeError(
@@ -244,7 +236,7 @@ def value_and_grads(
     if has_aux and not (isinstance(out, (tuple, list)) and len(out) == 2):
       raise TypeError(
         f"{_API}: has_aux=True expects fun to return ((main_loss, aux_loss),"
-        f" aux_data); got {_short(out)}."
+        f" aux_data); got {_describe(out)}."
       )
     losses, data = out if has_aux else (out, None)
     return _losses(losses, has_aux), data

@@ -372,10 +372,8 @@ def gram(trees: Sequence[PyTree], skip_slow: jax.Array | bool = False) -> Dots:
     finite = jnp.all(jnp.isfinite(maxima))
     leaf_exps = _exponent(maxima)
     tree_exps = jnp.max(leaf_exps, axis=1)
-    half = leaf_exps // 2
-    one = jnp.ones((), jnp.float32)
-    a, b = jnp.ldexp(one, -half), jnp.ldexp(one, half - leaf_exps)
-    back = jnp.ldexp(one, leaf_exps - tree_exps[:, None])  # <= 1
+    a, b = _scale_factors(leaf_exps, jnp.float32)
+    back = jnp.ldexp(jnp.ones((), jnp.float32), leaf_exps - tree_exps[:, None])  # <= 1
     values = product((a, b, back)).astype(fast.dtype)
     return Dots(jnp.where(finite, values, jnp.nan), tree_exps, finite)
 

@@ -14,13 +14,14 @@ import optax
 import pytest
 
 import bloop_optax
+from tests.test_readme import blocks
 
 pytestmark = pytest.mark.optax_optimizer
 ROOT = pathlib.Path(__file__).parent.parent
 
 
 def page_code(name):
-  (code,) = re.findall(r"```python\n(.*?)```", (ROOT / "docs" / f"{name}.md").read_text(), re.S)
+  (code,) = blocks((ROOT / "docs" / f"{name}.md").read_text(), "python")
   return code
 
 
@@ -368,8 +369,8 @@ def test_equinox_init_on_the_whole_module_says_to_filter():
 def test_integer_and_non_array_leaves_name_their_path_and_the_fix():
   fun = lambda p: (jnp.sum(p["w"]), jnp.sum(p["w"] ** 2))
   for bad, what in [
-    (jnp.zeros((), jnp.int32), r"\['step'\] is an integer or boolean leaf, int32\[\]"),
-    (jnp.array([True]), r"\['step'\] is an integer or boolean leaf, bool\[1\]"),
+    (jnp.zeros((), jnp.int32), r"\['step'\] is an integer or boolean leaf, an array int32\[\]"),
+    (jnp.array([True]), r"\['step'\] is an integer or boolean leaf, an array bool\[1\]"),
     (3, r"\['step'\] is an integer or boolean leaf"),
     (jnp.tanh, r"\['step'\] is a non-array leaf"),
   ]:

@@ -161,7 +161,7 @@ def test_value_and_grads_bad_returns():
     bloop_optax.value_and_grads(lambda w: (jnp.sum(w), w))(jnp.ones(2))
   with pytest.raises(
     TypeError,
-    match=r"has_aux=True expects fun to return \(\(main_loss, aux_loss\), aux_data\); got tuple",
+    match=r"has_aux=True expects fun to return \(\(main_loss, aux_loss\), aux_data\); got a tuple",
   ):
     bloop_optax.value_and_grads(lambda w: (w.sum(), w.sum(), w.sum()), has_aux=True)(jnp.ones(2))
   with pytest.raises(TypeError, match=r"expected aux_loss_2 to be a scalar; got shape \(2,\)"):
