@@ -1,10 +1,10 @@
-"""Multi-objective gradient aggregators computed from the Gram matrix.
+r"""Multi-objective gradient aggregators computed from the Gram matrix.
 
 For K objectives of equal standing with gradients ``g_1 .. g_K``, each
-aggregator returns ``d = sum_i w_i g_i`` with weights ``w`` decided from the
-K x K Gram matrix ``G_ij = <g_i, g_j>`` alone. The Gram matrix is K (K + 1) / 2
+aggregator returns :math:`d = \sum_i w_i g_i` with weights :math:`w` decided from the
+K x K Gram matrix :math:`G_ij = \langle g_i, g_j\rangle` alone. The Gram matrix is K (K + 1) / 2
 global inner products (per-leaf reductions summed; scalars cross devices), and
-``d`` is one elementwise pass: the K x P Jacobian is never formed.
+:math:`d` is one elementwise pass: the K x P Jacobian is never formed.
 
 Optionally (``ema_decay``) the weights are decided from the Gram matrix of EMAs
 of the K gradients and applied to the current gradients, as Bloop projects on
@@ -12,7 +12,7 @@ an EMA of the main gradient (Hsieh et al., ICML 2024, arXiv:2402.02998): a
 decision taken on noisy mini-batch gradients is biased, one taken on their
 averages much less.
 
-Every weight rule is invariant to a global scale of ``G`` (checked per rule
+Every weight rule is invariant to a global scale of :math:`G` (checked per rule
 below), so the rules run on ``G / max_i G_ii``, rebuilt exactly from rescaled
 inner products when the float32 sums overflow.
 """
@@ -40,13 +40,13 @@ PyTree = Any
 
 
 def _normalized(gram: jax.Array) -> jax.Array:
-  """``G / max_i G_ii`` (``G`` itself when it is zero)."""
+  """``G / max_i G_ii`` (:math:`G` itself when it is zero)."""
   top = jnp.max(jnp.diag(gram))
   return gram / jnp.where(top > 0, top, 1)
 
 
 def mean_weights(gram: jax.Array) -> jax.Array:
-  """``w_i = 1 / K``: the average of the gradients."""
+  """:math:`w_i = 1 / K`: the average of the gradients."""
   k = gram.shape[0]
   return jnp.full([k], 1 / k, gram.dtype)
 
@@ -58,7 +58,7 @@ def mgda_weights(gram: jax.Array) -> jax.Array:
 
   Solved exactly (an active-set method, see :mod:`bloop_optax.aggregators`);
   where the minimiser is not unique (collinear gradients) the direction
-  ``sum_i w_i g_i`` still is. Scale: invariant.
+  :math:`\sum_i w_i g_i` still is. Scale: invariant.
   """
   return _qp.min_norm_simplex(_normalized(gram))
 
@@ -66,15 +66,16 @@ def mgda_weights(gram: jax.Array) -> jax.Array:
 def pcgrad_weights(gram: jax.Array, orders: jax.Array) -> jax.Array:
   r"""PCGrad for K objectives, with the given visiting orders.
 
-  For each ``i``, start from ``g_i`` and visit ``j = orders[i, 0], ...,
-  orders[i, K-1]`` (skipping ``i``): whenever the current vector ``v`` has
-  ``<v, g_j> < 0``, replace it by ``v - <v, g_j> / <g_j, g_j> g_j``. Then
-  ``d = sum_i v_i`` (a sum, as in the paper's Algorithm 1). In weights, each
-  ``v_i = sum_j a_ij g_j`` and ``<v_i, g_j> = (G a_i)_j``. Scale: invariant.
+  For each :math:`i`, start from :math:`g_i` and visit
+  :math:`j = orders[i, 0], \ldots, orders[i, K-1]` (skipping ``i``): whenever the current vector
+  ``v`` has :math:`\langle v, g_j\rangle < 0`, replace it by
+  :math:`v - \langle v, g_j\rangle / \langle g_j, g_j\rangle g_j`. Then :math:`d = \sum_i v_i` (a
+  sum, as in the paper's Algorithm 1). In weights, each :math:`v_i = sum_j a_ij g_j` and
+  :math:`\langle v_i, g_j\rangle = (G a_i)_j`. Scale: invariant.
 
   Args:
     gram: ``[K, K]``.
-    orders: ``[K, K]`` int, row ``i`` a permutation of ``0 .. K-1``.
+    orders: ``[K, K]`` int, row :math:`i` a permutation of ``0 .. K-1``.
   """
   g = _normalized(gram)
   k = g.shape[0]
@@ -95,12 +96,12 @@ def pcgrad_weights(gram: jax.Array, orders: jax.Array) -> jax.Array:
 def imtl_g_weights(gram: jax.Array) -> jax.Array:
   r"""IMTL-G: the combination whose projections on every unit gradient are equal.
 
-  ``d = sum_i w_i g_i`` with ``<d, g_i / |g_i|>`` the same for every ``i`` and
-  ``sum_i w_i = 1``: ``v = G^+ n`` with ``n_i = |g_i| = sqrt(G_ii)`` and
-  ``w = v / sum(v)`` (``G^+`` the pseudo-inverse, which extends the method to
-  linearly dependent gradients); ``w = 0`` when ``sum(v)`` vanishes (e.g.
+  :math:`d = \sum_i w_i g_i` with :math:`\langle d, g_i / |g_i|\rangle` the same for every
+  :math:`i` and :math:`\sum_i w_i = 1`: :math:`v = G^{+} n` with :math:`n_i = |g_i| = \sqrt{G_ii}`
+  and :math:`w = v / sum(v)` (:math:`G^{+}` the pseudo-inverse, which extends the method to
+  linearly dependent gradients); :math:`w = 0` when ``sum(v)`` vanishes (e.g.
   opposite gradients: no direction has equal positive projections).
-  Scale: ``v`` scales as ``1 / sqrt(s)``, ``w`` is invariant.
+  Scale: :math:`v` scales as :math:`1 / \sqrt{s}`, :math:`w` is invariant.
   """
   g = _normalized(gram)
   v = _qp.pinv_symmetric(g) @ jnp.sqrt(jnp.maximum(jnp.diag(g), 0))
@@ -112,10 +113,11 @@ def imtl_g_weights(gram: jax.Array) -> jax.Array:
 def aligned_mtl_weights(gram: jax.Array) -> jax.Array:
   r"""Aligned-MTL: the mean of the gradients made orthogonal and of equal norm.
 
-  With ``G = V diag(λ) V^T`` restricted to its rank (eigenvalues above
-  ``K eps max λ``), the balance matrix ``B = sqrt(λ_min) V diag(λ)^{-1/2}
-  V^T`` makes the rows of ``B J`` orthogonal with norm ``sqrt(λ_min)``;
-  ``w = B 1 / K``. A zero ``G`` gives ``w = 1 / K``. Scale: invariant.
+  With :math:`G = V \operatorname{diag}(\lambda) V^T` restricted to its rank (eigenvalues above
+  :math:`K \varepsilon \max \lambda`), the balance matrix
+  :math:`B = \sqrt{\lambda_{\min}} V \operatorname{diag}(\lambda)^{-1/2} V^T` makes the rows of ``B
+  J`` orthogonal with norm ``sqrt(λ_min)``; :math:`w = B 1 / K`. A zero :math:`G` gives
+  :math:`w = 1 / K`. Scale: invariant.
   """
   g = _normalized(gram)
   k = g.shape[0]
@@ -131,10 +133,10 @@ def aligned_mtl_weights(gram: jax.Array) -> jax.Array:
 def upgrad_weights(gram: jax.Array) -> jax.Array:
   r"""UPGrad: the mean of every gradient projected onto the dual cone.
 
-  The projection of ``g_i / K`` onto ``{d : <d, g_j> >= 0 for all j}`` is
-  ``J^T v_i`` with ``v_i = argmin_{v >= e_i / K} v^T G v``; ``w = sum_i v_i``.
-  Each problem is solved exactly (an active-set method on ``v - e_i / K >=
-  0``). Scale: invariant.
+  The projection of ``g_i / K`` onto :math:`\{d : \langle d, g_j\rangle \ge 0 \text{ for all } j\}`
+  is :math:`J^T v_i` with :math:`v_i = \operatorname{argmin}_{v \ge e_i / K} v^T G v`;
+  :math:`w = \sum_i v_i`. Each problem is solved exactly (an active-set method on
+  :math:`v - e_i / K \ge 0`). Scale: invariant.
   """
   g = _normalized(gram)
   k = g.shape[0]
@@ -149,7 +151,7 @@ def upgrad_weights(gram: jax.Array) -> jax.Array:
 def cagrad_weights(gram: jax.Array, c: jax.typing.ArrayLike = 0.5) -> jax.Array:
   r"""CAGrad: the mean gradient, corrected toward the worst-off objective.
 
-  With ``g_0 = sum_i g_i / K`` and ``g_w = sum_i w_i g_i``,
+  With :math:`g_0 = \sum_i g_i / K` and :math:`g_w = \sum_i w_i g_i`,
 
   .. math::
 
@@ -157,15 +159,15 @@ def cagrad_weights(gram: jax.Array, c: jax.typing.ArrayLike = 0.5) -> jax.Array:
       + c \|g_0\| \|g_w\|, \qquad d = g_0 + \frac{c \|g_0\|}{\|g_{w^\star}\|}
       g_{w^\star},
 
-  so ``w = 1 / K + c |g_0| w* / |g_w*|`` (no final ``1 / (1 + c^2)`` rescale).
+  so :math:`w = 1 / K + c |g_0| w^* / |g_w^*|` (no final :math:`1 / (1 + c^2)` rescale).
   The inner problem is solved through its fixed point: ``w*`` is the point of
-  the convex hull nearest to ``-t g_0`` (a simplex QP) at the root ``t`` of
-  ``|g_w(t)| = c |g_0| t``, found by bisection over a bracket that contains
-  it (``mantissa bits + 10`` halvings, each QP warm-started). When ``g_0 = 0``
-  or ``c = 0``, ``d = g_0``. When ``g_w* = 0`` (0 on the hull's boundary, or
-  ``c >= 1``), ``d`` is undefined; like the reference implementation of
-  Jacobian descent (TorchJD), the weights are then 0. ``|g_w*|`` counts as 0
-  below ``sqrt(eps)`` times the longest gradient. Scale: invariant.
+  the convex hull nearest to ``-t g_0`` (a simplex QP) at the root :math:`t` of
+  :math:`|g_w(t)| = c |g_0| t`, found by bisection over a bracket that contains
+  it (``mantissa bits + 10`` halvings, each QP warm-started). When :math:`g_0 = 0`
+  or :math:`c = 0`, :math:`d = g_0`. When :math:`g_w^* = 0` (0 on the hull's boundary, or
+  :math:`c \ge 1`), :math:`d` is undefined; like the reference implementation of
+  Jacobian descent (TorchJD), the weights are then 0. :math:`|g_w^*|` counts as 0
+  below :math:`\sqrt{eps}` times the longest gradient. Scale: invariant.
   """
   g = _normalized(gram)
   k = g.shape[0]
@@ -206,7 +208,7 @@ def cagrad_weights(gram: jax.Array, c: jax.typing.ArrayLike = 0.5) -> jax.Array:
 
 
 class AggregatorState(NamedTuple):
-  """State of the aggregators of :mod:`bloop_optax.aggregators`.
+  r"""State of the aggregators of :mod:`bloop_optax.aggregators`.
 
   Attributes:
     steps: int32 number of ``update`` calls.
@@ -217,8 +219,8 @@ class AggregatorState(NamedTuple):
     gram_cosines: float32 ``[K, K]`` cosines of the Gram matrix the weights
       were decided from at the last step (the gradients', or with
       ``ema_decay`` their EMAs'); 0 where a vector is zero.
-    objective_weights: float32 ``[K]``, the last step's weights ``w``
-      (``d = sum_i w_i g_i``).
+    objective_weights: float32 ``[K]``, the last step's weights :math:`w`
+      (:math:`d = \sum_i w_i g_i`).
     rng_key: the PRNG key of a random aggregator (:func:`pcgrad`), else
       ``None``.
   """
@@ -355,16 +357,17 @@ def _no_key(rule):
 
 
 def mean(num_objectives: int) -> optax.GradientTransformationExtraArgs:
-  r"""The average of the K gradients, ``d = sum_i g_i / K``: the baseline.
+  r"""The average of the K gradients, :math:`d = \sum_i g_i / K`: the baseline.
 
   It reads no inner product, keeps no state and never skips a step.
 
   Args:
-    num_objectives: K, the length of the tuple of gradients ``update`` takes.
+    num_objectives: the number :math:`K` of objectives: the length of the
+      tuple of gradients ``update`` takes.
 
   Returns:
     An ``optax.GradientTransformationExtraArgs`` whose ``update`` takes
-    ``(grads_0, ..., grads_{K-1})`` and returns ``d`` shaped like
+    :math:`(grads_0, \ldots, grads_{K-1})` and returns :math:`d` shaped like
     ``grads_0``.
 
   Examples:
@@ -403,24 +406,25 @@ def mgda(
   .. math:: d = \sum_i w_i g_i, \quad w = \arg\min_{w \ge 0,\ \sum_i w_i = 1}
     w^\top G w,
 
-  with ``G_ij = <g_i, g_j>``. ``d`` is a common descent direction of every
+  with :math:`G_ij = \langle g_i, g_j\rangle`. :math:`d` is a common descent direction of every
   objective (or 0 at a Pareto-stationary point). The simplex QP is solved
   exactly inside ``jit`` (see :func:`mgda_weights`).
 
   Args:
-    num_objectives: K, the length of the tuple of gradients ``update`` takes.
-    ema_decay: ``None`` (default: the method as published) or ``β`` in
+    num_objectives: the number :math:`K` of objectives: the length of the
+      tuple of gradients ``update`` takes.
+    ema_decay: ``None`` (default: the method as published) or :math:`\beta` in
       [0, 1], the weight on the OLD average as in ``optax.ema``: the weights
-      are then decided from the Gram matrix of EMAs ``E_i' = β E_i + (1 - β)
-      g_i`` of the gradients, kept in the state, and applied to the current
+      are then decided from the Gram matrix of EMAs :math:`E_i' = \beta E_i + (1 - \beta) g_i`
+      of the gradients, kept in the state, and applied to the current
       gradients. ``ema_decay=0`` equals ``None``.
     accumulator_dtype: dtype of the EMAs (default float32, or the params'
       dtype where wider).
 
   Returns:
     An ``optax.GradientTransformationExtraArgs`` whose ``update`` takes
-    ``(grads_0, ..., grads_{K-1})`` (a tuple, or a mapping with keys
-    ``0..K-1``) and returns ``d`` shaped like ``grads_0``; its state is an
+    :math:`(grads_0, \ldots, grads_{K-1})` (a tuple, or a mapping with keys
+    ``0..K-1``) and returns :math:`d` shaped like ``grads_0``; its state is an
     :class:`AggregatorState`.
 
   Examples:
@@ -450,16 +454,16 @@ def pcgrad(
 ) -> optax.GradientTransformationExtraArgs:
   r"""PCGrad for K objectives: project away pairwise conflicts, then sum.
 
-  For each ``i``, ``v_i`` starts at ``g_i`` and, for the other objectives
-  ``j`` in a random order, loses its component along ``g_j`` whenever
-  ``<v_i, g_j> < 0``; ``d = sum_i v_i`` (see :func:`pcgrad_weights`). Each
+  For each :math:`i`, :math:`v_i` starts at :math:`g_i` and, for the other objectives
+  :math:`j` in a random order, loses its component along :math:`g_j` whenever
+  :math:`\langle v_i, g_j\rangle < 0`; :math:`d = \sum_i v_i` (see :func:`pcgrad_weights`). Each
   step draws K fresh orders from the key kept in the state. With K = 2 the
-  order does not matter and ``d`` equals ``bloop_optax.pcgrad(1.0)``.
+  order does not matter and :math:`d` equals ``bloop_optax.pcgrad(1.0)``.
 
   Args:
-    num_objectives: K.
+    num_objectives: the number :math:`K` of objectives.
     key: a PRNG key, or an int seed, for the visiting orders.
-    ema_decay: ``None`` (default) or ``β``: decide the projections from the
+    ema_decay: ``None`` (default) or :math:`\beta`: decide the projections from the
       EMAs' Gram matrix, as in :func:`mgda`.
     accumulator_dtype: dtype of the EMAs.
 
@@ -500,17 +504,17 @@ def cagrad(
 ) -> optax.GradientTransformationExtraArgs:
   r"""CAGrad: the mean gradient, corrected toward the worst-off objective.
 
-  ``d = g_0 + c |g_0| g_w / |g_w|`` with ``g_0`` the mean gradient and ``g_w``
-  the minimiser over the convex hull of ``<g_w, g_0> + c |g_0| |g_w|`` (see
+  :math:`d = g_0 + c |g_0| g_w / |g_w|` with :math:`g_0` the mean gradient and :math:`g_w`
+  the minimiser over the convex hull of :math:`\langle g_w, g_0\rangle + c |g_0| |g_w|` (see
   :func:`cagrad_weights`: the exact fixed point, found by bisection, no
-  solver library). ``c = 0`` is :func:`mean`.
+  solver library). :math:`c = 0` is :func:`mean`.
 
   Args:
-    num_objectives: K.
-    c: ``c >= 0``, the radius of the ball around ``g_0`` (relative to
-      ``|g_0|``) in which the worst objective's decrease is maximised; the
-      paper's convergence guarantee needs ``c < 1``.
-    ema_decay: ``None`` (default) or ``β``: decide the weights from the EMAs'
+    num_objectives: the number :math:`K` of objectives.
+    c: :math:`c \ge 0`, the radius of the ball around :math:`g_0` (relative to
+      :math:`|g_0|`) in which the worst objective's decrease is maximised; the
+      paper's convergence guarantee needs :math:`c < 1`.
+    ema_decay: ``None`` (default) or :math:`\beta`: decide the weights from the EMAs'
       Gram matrix, as in :func:`mgda`.
     accumulator_dtype: dtype of the EMAs.
 
@@ -544,13 +548,13 @@ def imtl_g(
 ) -> optax.GradientTransformationExtraArgs:
   r"""IMTL-G: the combination with equal projections on every unit gradient.
 
-  ``d = sum_i w_i g_i`` with ``sum_i w_i = 1`` and ``<d, g_i / |g_i|>`` the
-  same for every ``i`` (see :func:`imtl_g_weights`; the pseudo-inverse
+  :math:`d = \sum_i w_i g_i` with :math:`\sum_i w_i = 1` and :math:`\langle d, g_i / |g_i|\rangle`
+  the same for every :math:`i` (see :func:`imtl_g_weights`; the pseudo-inverse
   extends it to linearly dependent gradients).
 
   Args:
-    num_objectives: K.
-    ema_decay: ``None`` (default) or ``β``: decide the weights from the EMAs'
+    num_objectives: the number :math:`K` of objectives.
+    ema_decay: ``None`` (default) or :math:`\beta`: decide the weights from the EMAs'
       Gram matrix, as in :func:`mgda`.
     accumulator_dtype: dtype of the EMAs.
 
@@ -583,14 +587,14 @@ def aligned_mtl(
 ) -> optax.GradientTransformationExtraArgs:
   r"""Aligned-MTL: the mean of the gradients after aligning them.
 
-  The balance matrix ``B = sqrt(λ_min) V diag(λ)^{-1/2} V^T`` (from the
-  eigendecomposition of the Gram matrix, restricted to its rank) turns the
-  gradients into orthogonal vectors of equal norm ``sqrt(λ_min)``; ``d`` is
+  The balance matrix :math:`B = \sqrt{\lambda_{\min}} V \operatorname{diag}(\lambda)^{-1/2} V^T`
+  (from the eigendecomposition of the Gram matrix, restricted to its rank) turns the
+  gradients into orthogonal vectors of equal norm :math:`\sqrt{\lambda_{\min}}`; :math:`d` is
   their mean (see :func:`aligned_mtl_weights`).
 
   Args:
-    num_objectives: K.
-    ema_decay: ``None`` (default) or ``β``: decide the weights from the EMAs'
+    num_objectives: the number :math:`K` of objectives.
+    ema_decay: ``None`` (default) or :math:`\beta`: decide the weights from the EMAs'
       Gram matrix, as in :func:`mgda`.
     accumulator_dtype: dtype of the EMAs.
 
@@ -622,14 +626,14 @@ def upgrad(
 ) -> optax.GradientTransformationExtraArgs:
   r"""UPGrad: the mean of the gradients, each projected onto the dual cone.
 
-  Each ``g_i / K`` is projected onto ``{d : <d, g_j> >= 0 for all j}`` (so
-  no objective increases to first order) and the projections are summed
+  Each ``g_i / K`` is projected onto :math:`\{d : \langle d, g_j\rangle \ge 0 \text{ for all } j\}`
+  (so no objective increases to first order) and the projections are summed
   (see :func:`upgrad_weights`). Where no gradients conflict it is
   :func:`mean`.
 
   Args:
-    num_objectives: K.
-    ema_decay: ``None`` (default) or ``β``: decide the weights from the EMAs'
+    num_objectives: the number :math:`K` of objectives.
+    ema_decay: ``None`` (default) or :math:`\beta`: decide the weights from the EMAs'
       Gram matrix, as in :func:`mgda`.
     accumulator_dtype: dtype of the EMAs.
 

@@ -1,6 +1,6 @@
-"""The paper's baselines as optax gradient transformations: Mixed, Dynamic
+r"""The paper's baselines as optax gradient transformations: Mixed, Dynamic
 Barrier and two-task PCGrad. None keeps an EMA; each returns one direction
-``D = c_main M + c_aux A`` shaped like the main gradient.
+:math:`D = c_{\mathrm{main}} M + c_{\mathrm{aux}} A` shaped like the main gradient.
 
 References:
   Hsieh, Thornton, Ndiaye, Klein, Cuturi, Ablin. "Careful with that Scalpel:
@@ -22,13 +22,13 @@ PyTree = Any
 
 
 class SurgeryState(NamedTuple):
-  """State of :func:`dynamic_barrier` and :func:`pcgrad` (no EMA).
+  r"""State of :func:`dynamic_barrier` and :func:`pcgrad` (no EMA).
 
   Attributes:
     steps: int32 number of ``update`` calls (indexes ``aux_weight`` schedules).
     cos_main_aux: float32 cosine between the last step's main and aux
       gradients.
-    proj_coef: float32 ``<M, A> / <M, M>`` of the last step.
+    proj_coef: float32 :math:`\langle M, A\rangle / \langle M, M\rangle` of the last step.
   """
 
   steps: jax.Array
@@ -43,13 +43,13 @@ class MixedState(NamedTuple):
 
 
 def mixed(aux_weight: _checks.ScalarOrSchedule) -> optax.GradientTransformationExtraArgs:
-  r"""Mixed (regularised) training: ``D = M + λ A``.
+  r"""Mixed (regularised) training: :math:`D = M + \lambda A`.
 
-  The paper's reference point: it minimises ``L_main + λ L_aux`` and trades
-  main-loss progress for aux progress.
+  The paper's reference point: it minimises :math:`L_{\mathrm{main}} + \lambda L_{\mathrm{aux}}`
+  and trades main-loss progress for aux progress.
 
   Args:
-    aux_weight: ``λ >= 0``, a number, an array or a schedule of the step count.
+    aux_weight: :math:`\lambda \ge 0`, a number, an array or a schedule of the step count.
 
   Returns:
     An ``optax.GradientTransformationExtraArgs`` taking ``MainAux(M, A)``.
@@ -133,15 +133,15 @@ def _no_ema_surgery(
 def dynamic_barrier(
   aux_weight: _checks.ScalarOrSchedule,
 ) -> optax.GradientTransformationExtraArgs:
-  r"""Dynamic Barrier, the paper's variant: ``D = max(1 - λ r, 0) M + λ A``.
+  r"""Dynamic Barrier, the paper's variant: :math:`D = \max(1 - \lambda r, 0) M + \lambda A`.
 
-  With ``r = <M, A> / <M, M>`` (0 when ``M = 0``). Equivalently the no-EMA
-  projection ``M + λ (A - min(r, 1/λ) M)``: it equals ``M + λ π(A; M)`` while
-  ``λ r <= 1`` and drops ``M`` entirely when the aux gradient is strongly
-  aligned with it.
+  With :math:`r = \langle M, A\rangle / \langle M, M\rangle` (0 when :math:`M = 0`). Equivalently
+  the no-EMA projection :math:`M + \lambda (A - \min(r, 1/\lambda) M)`: it equals
+  :math:`M + \lambda \pi(A; M)` while :math:`\lambda r \le 1` and drops :math:`M` entirely when the
+  aux gradient is strongly aligned with it.
 
   Args:
-    aux_weight: ``λ >= 0``, a number, an array or a schedule of the step count.
+    aux_weight: :math:`\lambda \ge 0`, a number, an array or a schedule of the step count.
 
   Returns:
     An ``optax.GradientTransformationExtraArgs`` taking ``MainAux(M, A)``.
@@ -173,12 +173,12 @@ def dynamic_barrier(
 def pcgrad(aux_weight: _checks.ScalarOrSchedule) -> optax.GradientTransformationExtraArgs:
   r"""Two-task PCGrad with a weight on the aux task.
 
-  With ``c = <M, A>``: if ``c >= 0``, ``D = M + λ A``; otherwise each gradient
-  is projected off the other, ``D = π(M; A) + λ π(A; M)``, where
-  ``π(a; p) = a - (<a, p> / <p, p>) p``.
+  With :math:`c = \langle M, A\rangle`: if :math:`c \ge 0`, :math:`D = M + \lambda A`; otherwise
+  each gradient is projected off the other, :math:`D = \pi(M; A) + \lambda \pi(A; M)`, where
+  :math:`\pi(a; p) = a - (\langle a, p\rangle / \langle p, p\rangle) p`.
 
   Args:
-    aux_weight: ``λ >= 0``, a number, an array or a schedule of the step count.
+    aux_weight: :math:`\lambda \ge 0`, a number, an array or a schedule of the step count.
 
   Returns:
     An ``optax.GradientTransformationExtraArgs`` taking ``MainAux(M, A)``.

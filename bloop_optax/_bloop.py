@@ -23,19 +23,19 @@ EMA_ORDERS = ("update_first", "project_first")
 
 
 class BloopState(NamedTuple):
-  """State of :func:`bloop`.
+  r"""State of :func:`bloop`.
 
   Attributes:
     steps: int32 number of ``update`` calls (indexes ``aux_weight`` schedules).
     skipped_steps: int32 number of steps whose main or aux gradient was not
       finite; those steps never entered ``main_ema``.
-    main_ema: the EMA ``E`` of the main gradient, shaped like the params, in
+    main_ema: the EMA :math:`E` of the main gradient, shaped like the params, in
       the accumulator dtype.
     cos_main_aux: float32 cosine between the last step's main and aux
       gradients (0 when either is zero), or ``None`` unless the transform was
       built with ``track_cosine=True``.
-    proj_coef: float32 projection coefficient ``r = <P, A> / <P, P>`` of the
-      last step.
+    proj_coef: float32 projection coefficient :math:`r = \langle P, A\rangle / \langle P, P\rangle`
+      of the last step.
   """
 
   steps: jax.Array
@@ -55,50 +55,50 @@ def bloop(
 ) -> optax.GradientTransformationExtraArgs:
   r"""Bloop: the main gradient plus the aux gradient orthogonal to an EMA.
 
-  With ``M``, ``A`` the main and aux gradients, ``E`` the EMA of ``M`` kept in
-  the state, ``λ = aux_weight`` and ``β = ema_decay``:
+  With :math:`M`, :math:`A` the main and aux gradients, :math:`E` the EMA of :math:`M` kept in
+  the state, :math:`\lambda` = ``aux_weight`` and :math:`\beta` = ``ema_decay``:
 
   .. math::
 
-    D = M + λ (A - r P), \quad r = \frac{\langle P, A\rangle}{\langle P, P
+    D = M + \lambda (A - r P), \quad r = \frac{\langle P, A\rangle}{\langle P, P
     \rangle} \ (0 \text{ when } P = 0),
 
   where the inner products are global over the pytree and
 
-  - ``ema_order="update_first"`` (the authors' code): ``E' = β E + (1-β) M``,
-    then ``P = E'``;
-  - ``ema_order="project_first"`` (the paper's Algorithm 1): ``P = E`` (``M``
-    at the first step), then ``E' = β P + (1-β) M``.
+  - ``ema_order="update_first"`` (the authors' code): :math:`E' = \beta E + (1-\beta) M`,
+    then :math:`P = E'`;
+  - ``ema_order="project_first"`` (the paper's Algorithm 1): :math:`P = E` (:math:`M`
+    at the first step), then :math:`E' = \beta P + (1-\beta) M`.
 
-  The added part ``λ (A - r P)`` is orthogonal to ``P``, so to first order the
-  main loss decreases as with ``M`` alone, whatever ``λ``. ``β = 0`` with
+  The added part :math:`\lambda (A - r P)` is orthogonal to :math:`P`, so to first order the
+  main loss decreases as with :math:`M` alone, whatever :math:`\lambda`. :math:`\beta = 0` with
   ``update_first`` projects on the current main gradient ("Bloop without
   EMA").
 
-  Non-finite and huge gradients: a step whose ``M`` or ``A`` holds a NaN or an
-  Inf never enters the EMA; the state keeps ``E``, counts the step in
+  Non-finite and huge gradients: a step whose :math:`M` or :math:`A` holds a NaN or an
+  Inf never enters the EMA; the state keeps :math:`E`, counts the step in
   ``skipped_steps``, and the (non-finite) direction passes through so that a
   downstream ``optax.apply_if_finite`` skips it. Finite gradients whose
   float32 sums of squares overflow (norms above about 1e19) give the exact
   direction: the sums are then recomputed on gradients rescaled by a power of
   two, in a branch that costs nothing on ordinary steps. A projection vector
-  with norm below about 1e-19 has ``<P, P>`` underflow to 0 and counts as
+  with norm below about 1e-19 has :math:`\langle P, P\rangle` underflow to 0 and counts as
   zero.
 
-  Cost: the step reads ``M`` and ``A`` once for ``<M, A>`` (whose finiteness
-  is the guard above), writes the EMA in place, reads ``E'`` and ``A`` once
+  Cost: the step reads :math:`M` and :math:`A` once for :math:`\langle M, A\rangle` (whose
+  finiteness is the guard above), writes the EMA in place, reads :math:`E'` and :math:`A` once
   for the two inner products of the projection, and leaves the direction as
   an elementwise expression that XLA fuses into the next transform. The
-  cosine needs ``<M, M>`` and ``<A, A>``, one more read of both gradients,
-  which is why it is opt-in.
+  cosine needs :math:`\langle M, M\rangle` and :math:`\langle A, A\rangle`, one more read of both
+  gradients, which is why it is opt-in.
 
   Args:
-    aux_weight: ``λ >= 0``, a number, an array or a schedule of the step count.
-    ema_decay: ``β`` in [0, 1], the weight on the OLD average as in
-      ``optax.ema``. The paper's rate is ``ρ = 1 - β``; its default ``ρ = 0.01``
-      is ``β = 0.99``.
+    aux_weight: :math:`\lambda \ge 0`, a number, an array or a schedule of the step count.
+    ema_decay: :math:`\beta` in [0, 1], the weight on the OLD average as in
+      ``optax.ema``. The paper's rate is :math:`\rho = 1 - \beta`; its default :math:`\rho = 0.01`
+      is :math:`\beta = 0.99`.
     ema_order: ``"update_first"`` or ``"project_first"``, see above.
-    track_cosine: also keep the cosine between ``M`` and ``A`` in the state
+    track_cosine: also keep the cosine between :math:`M` and :math:`A` in the state
       (``cos_main_aux``); otherwise that field is ``None``.
     accumulator_dtype: dtype of the EMA. ``None`` keeps float32, or the
       params' dtype where it is wider.
@@ -106,7 +106,7 @@ def bloop(
   Returns:
     An ``optax.GradientTransformationExtraArgs`` whose ``update`` takes
     ``MainAux(main_grads, aux_grads)`` (or a 2-tuple, or a mapping with keys
-    0 and 1 or "main" and "aux") and returns the direction ``D`` shaped like
+    0 and 1 or "main" and "aux") and returns the direction :math:`D` shaped like
     ``main_grads``.
 
   Examples:

@@ -40,33 +40,35 @@ def hierarchical_bloop(
   *,
   accumulator_dtype: Any | None = None,
 ) -> optax.GradientTransformationExtraArgs:
-  r"""Bloop for objectives in strict priority: main > aux_1 > ... > aux_K.
+  r"""Bloop for objectives in strict priority, the main loss first.
 
-  Keeps an EMA ``E_0`` of the main gradient and ``E_k`` of each aux gradient
+  The priority is :math:`L_{\mathrm{main}} \succ L_1 \succ \ldots \succ L_K`.
+
+  Keeps an EMA :math:`E_0` of the main gradient and :math:`E_k` of each aux gradient
   but the last (updated first, as ``bloop(ema_order="update_first")``),
-  orthogonalises them in order (Gram–Schmidt: ``Q_0 = E_0``, ``Q_k = E_k``
-  minus its components along ``Q_0 .. Q_{k-1}``) and returns
+  orthogonalises them in order (Gram–Schmidt: :math:`Q_0 = E_0`, :math:`Q_k = E_k`
+  minus its components along :math:`Q_0, \ldots, Q_{k-1}`) and returns
 
   .. math::
 
-    D = M + \sum_k λ_k \Big(A_k - \sum_{j<k} \frac{\langle A_k, Q_j\rangle}
+    D = M + \sum_k \lambda_k \Big(A_k - \sum_{j<k} \frac{\langle A_k, Q_j\rangle}
     {\langle Q_j, Q_j\rangle} Q_j\Big),
 
   so each added part is orthogonal to every EMA above it in the hierarchy. A
-  ``Q_j`` that vanishes (``<Q_j, Q_j>`` at most 16 float epsilons of
-  ``<E_j, E_j>``, i.e. ``E_j`` in the span of the EMAs above) contributes
+  :math:`Q_j` that vanishes (:math:`\langle Q_j, Q_j\rangle` at most 16 float epsilons of
+  :math:`\langle E_j, E_j\rangle`, i.e. :math:`E_j` in the span of the EMAs above) contributes
   nothing. With one aux loss it is :func:`bloop`. All inner products are global
   and come as scalars; the direction is one elementwise pass.
 
   Args:
-    aux_weights: ``(λ_1, ..., λ_K)``, each >= 0: numbers, arrays or schedules.
+    aux_weights: :math:`(\lambda_1, \ldots, \lambda_K)`, each >= 0: numbers, arrays or schedules.
     ema_decay: the weight on the OLD average, as in :func:`bloop`.
     accumulator_dtype: dtype of the EMAs (default float32, or wider params').
 
   Returns:
     An ``optax.GradientTransformationExtraArgs`` whose ``update`` takes the
     tuple ``(main_grads, aux_grads_1, ..., aux_grads_K)`` (or a mapping with
-    keys ``0..K``) and returns ``D`` shaped like ``main_grads``.
+    keys ``0..K``) and returns :math:`D` shaped like ``main_grads``.
 
   Examples:
     >>> import jax.numpy as jnp

@@ -1,8 +1,8 @@
-"""Multi-objective gradient aggregators, computed from the Gram matrix.
+r"""Multi-objective gradient aggregators, computed from the Gram matrix.
 
 For K objectives of equal standing, each transform here takes the tuple of the
 K gradients (what :func:`bloop_optax.value_and_grads` returns for K losses)
-and returns one direction ``d = sum_i w_i g_i`` shaped like a gradient, so any
+and returns one direction :math:`d = \sum_i w_i g_i` shaped like a gradient, so any
 optax transform can follow it in ``optax.chain``. The weights come from the
 K x K Gram matrix of global inner products: per-leaf reductions summed, only
 scalars cross devices, the K x P Jacobian is never formed. For many objectives

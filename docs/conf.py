@@ -27,6 +27,11 @@ extensions = [
   "sphinx.ext.autosummary",
   "sphinx.ext.mathjax",
   "sphinx.ext.napoleon",
+  "sphinx.ext.viewcode",
+  "sphinx_copybutton",
+  # MathJax served from the build (``_static/mathjax``), so formulas render
+  # with no network; the path is set to its SVG output in ``setup`` below.
+  "sphinx-mathjax-offline",
 ]
 
 # The notebooks live in ../notebooks (the tests execute them there); Sphinx
@@ -43,7 +48,12 @@ myst_enable_extensions = ["dollarmath"]
 myst_heading_anchors = 3
 
 autosummary_generate = True
-autodoc_typehints = "none"  # types are stated in each docstring's Args
+autodoc_typehints = "description"
+autodoc_typehints_description_target = "documented"
+autodoc_typehints_format = "short"
+autodoc_type_aliases = {"ScalarOrSchedule": "optax.ScalarOrSchedule", "PyTree": "PyTree"}
+add_module_names = False
+toc_object_entries_show_parents = "hide"
 autodoc_member_order = "bysource"
 napoleon_google_docstring = True
 napoleon_numpy_docstring = False
@@ -55,8 +65,37 @@ nitpicky = True
 nitpick_ignore_regex = [
   (r"py:.*", r"(jax|optax|flax|numpy|np|jnp)\..*"),
   (r"py:class", r"(PyTree|Any|ArrayLike|Callable|NamedTuple)"),
+  (r"py:class", r"(collections\.abc|typing)\..*"),
 ]
 
 html_theme = "furo"
 html_title = f"bloop_optax {version}"
 templates_path = ["_templates"]
+html_static_path = ["_static"]
+html_css_files = ["custom.css"]
+copybutton_prompt_text = r">>> |\.\.\. |\$ "
+copybutton_prompt_is_regexp = True
+
+
+_ARRAY_LIKE = {"Array", "ndarray", "bool", "number", "int", "float", "complex"}
+
+
+def _short_types(app, domain, objtype, contentnode):
+  """Shows ``jax.typing.ArrayLike`` by its name instead of its eight members."""
+  document = getattr(app.env, "current_document", None)
+  annotations = getattr(document, "autodoc_annotations", None)
+  if annotations is None:
+    annotations = app.env.temp_data.get("annotations", {})
+  for hints in annotations.values():
+    for name, hint in hints.items():
+      parts = [part.strip() for part in hint.split("|")]
+      bare = [part.lstrip("~").rsplit(".", 1)[-1] for part in parts]
+      if _ARRAY_LIKE <= set(bare):
+        rest = [p for p, b in zip(parts, bare, strict=True) if b not in _ARRAY_LIKE]
+        hints[name] = " | ".join(["ArrayLike", *dict.fromkeys(rest)])
+
+
+def setup(app):
+  # SVG output needs no web fonts, so the maths also renders from file://.
+  app.config.mathjax_path = "mathjax/tex-svg.js"
+  app.connect("object-description-transform", _short_types, priority=400)
