@@ -4,7 +4,7 @@ Every task runs on synthetic data or scikit-learn's bundled digits; nothing is
 downloaded. Each follows the paper's protocol for its figure (optimiser,
 learning-rate schedule, batch size, aux-weight grid, EMA rate) as far as two
 CPU cores allow; what differs, and why, is recorded in each task's
-``protocol`` and in ``benchmarks/README.md``. Every method of a task gets the
+``protocol`` and on its page under ``docs/benchmarks/``. Every method of a task gets the
 same grid, schedule, steps and seeds.
 """
 

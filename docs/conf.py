@@ -44,6 +44,7 @@ for notebook in sorted((ROOT / "notebooks").glob("*.ipynb")):
 source_suffix = {".rst": "restructuredtext", ".md": "myst-nb", ".ipynb": "myst-nb"}
 exclude_patterns = ["_build", "Thumbs.db", ".DS_Store"]
 nb_execution_mode = "off"
+nb_render_markdown_format = "myst"  # tables printed by the notebooks render as tables
 myst_enable_extensions = ["dollarmath"]
 myst_heading_anchors = 3
 

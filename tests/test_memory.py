@@ -98,7 +98,7 @@ def test_step_moves_the_plain_formula_bytes_plus_the_guard():
   """The plain formula (tree_map EMA, vdot sums, no guard) moves 20 words per
   parameter on XLA:CPU; bloop adds exactly one read of M and A for <M, A>, whose
   finiteness guards the in-place EMA write; the opt-in cosine adds <M, M> and
-  <A, A>. See benchmarks/README.md for the pass-by-pass account."""
+  <A, A>. See docs/benchmarks/speed.md for the pass-by-pass account."""
   from benchmarks.speed import naive_bloop
 
   adam = lambda: optax.adam(1e-3)
