@@ -59,7 +59,7 @@ def _global(x: PyTree, y: PyTree) -> jax.Array:
 
 
 def tree_dots(*pairs: tuple[PyTree, PyTree]) -> jax.Array:
-  """Global inner products ``[<x, y> for (x, y) in pairs]`` as one vector.
+  r"""Global inner products :math:`\langle x, y\rangle` for each pair, as one vector.
 
   Each is one sum over every leaf of a multiply-and-reduce, accumulated in at
   least float32.
@@ -70,9 +70,10 @@ def tree_dots(*pairs: tuple[PyTree, PyTree]) -> jax.Array:
 
 
 def tree_dot(x: PyTree, y: PyTree) -> jax.Array:
-  """The global inner product ``<x, y>`` of two pytrees (real leaves).
+  r"""The global inner product :math:`\langle x, y\rangle` of two pytrees (real leaves).
 
-  One sum over every leaf, accumulated in at least float32.
+  :math:`\langle x, y\rangle = \sum_{\text{leaves } l} \sum_i x_{l,i}\, y_{l,i}`: one sum over
+  every leaf, accumulated in at least float32.
 
   Args:
     x: a pytree of arrays.

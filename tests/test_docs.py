@@ -17,6 +17,7 @@ import urllib.parse
 import pytest
 
 import bloop_optax
+from tests import shared
 
 ROOT = pathlib.Path(__file__).parent.parent
 
@@ -38,29 +39,21 @@ class _Links(html.parser.HTMLParser):
 
 @pytest.fixture(scope="module")
 def site(tmp_path_factory):
-  out = tmp_path_factory.mktemp("docs") / "html"
-  done = subprocess.run(
-    [
-      sys.executable,
-      "-m",
-      "sphinx",
-      "-W",
-      "-n",
-      "--keep-going",
-      "-q",
-      "-b",
-      "html",
-      "docs",
-      str(out),
-    ],
-    cwd=ROOT,
-    capture_output=True,
-    text=True,
-    check=False,
-    timeout=900,
-  )
-  assert done.returncode == 0, done.stdout[-4000:] + done.stderr[-4000:]
-  return out
+  """The site, built once per session (the build writes into docs/, so two
+  workers must not build at the same time)."""
+
+  def build(out):
+    done = subprocess.run(
+      [sys.executable, "-m", "sphinx", "-W", "-n", "--keep-going", "-q", "-b", "html", "docs", out],
+      cwd=ROOT,
+      capture_output=True,
+      text=True,
+      check=False,
+      timeout=900,
+    )
+    assert done.returncode == 0, done.stdout[-4000:] + done.stderr[-4000:]
+
+  return shared.built_once(tmp_path_factory, "docs_html", build)
 
 
 def test_every_public_name_has_an_api_page(site):
@@ -202,9 +195,10 @@ def test_every_figure_loads(site, desktop):
   assert shown >= len(committed)
 
 
-def test_code_fits_its_box_and_nothing_runs_off_the_page(desktop):
+def test_code_and_tables_fit_and_nothing_runs_off_the_page(desktop):
   for page, found in desktop.items():
     assert found["overflowing_code"] == [], (page, found["overflowing_code"])
+    assert found["overflowing_tables"] == [], (page, found["overflowing_tables"])
     assert found["page_width"] <= found["viewport"], page
 
 

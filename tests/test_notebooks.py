@@ -17,6 +17,7 @@ chains), and nothing inside the notebooks knows about tests.
 import json
 import os
 import pathlib
+import shutil
 import subprocess
 import sys
 import sysconfig
@@ -24,6 +25,8 @@ import sysconfig
 from nbclient import NotebookClient
 import nbformat
 import pytest
+
+from tests import shared
 
 ROOT = pathlib.Path(__file__).parent.parent
 NOTEBOOKS = sorted((ROOT / "notebooks").glob("*.ipynb"))
@@ -40,9 +43,17 @@ def kernel_python(tmp_path_factory):
   given = os.environ.get("BLOOP_NOTEBOOK_PYTHON")
   if given:
     return pathlib.Path(given)
-  tmp = tmp_path_factory.mktemp("installed")
+  return shared.built_once(tmp_path_factory, "notebook_venv", _install) / "venv" / "bin" / "python"
+
+
+def _install(tmp):
+  # Build from a copy: a build in the checkout writes build/ and *.egg-info there.
+  source = tmp / "source"
+  shutil.copytree(ROOT / "bloop_optax", source / "bloop_optax")
+  for name in ("pyproject.toml", "README.md", "LICENSE"):
+    shutil.copyfile(ROOT / name, source / name)
   subprocess.run(
-    [sys.executable, "-m", "pip", "wheel", "-q", "--no-deps", "-w", str(tmp / "dist"), str(ROOT)],
+    [sys.executable, "-m", "pip", "wheel", "-q", "--no-deps", "-w", str(tmp / "dist"), str(source)],
     check=True,
     timeout=300,
   )
@@ -50,21 +61,8 @@ def kernel_python(tmp_path_factory):
   venv = tmp / "venv"
   subprocess.run([sys.executable, "-m", "venv", "--without-pip", str(venv)], check=True)
   python = venv / "bin" / "python"
-  subprocess.run(
-    [
-      sys.executable,
-      "-m",
-      "pip",
-      "--python",
-      str(python),
-      "install",
-      "-q",
-      "--no-deps",
-      str(wheel),
-    ],
-    check=True,
-    timeout=300,
-  )
+  pip = [sys.executable, "-m", "pip", "--python", str(python)]
+  subprocess.run([*pip, "install", "-q", "--no-deps", str(wheel)], check=True, timeout=300)
   site = subprocess.run(
     [python, "-c", "import sysconfig; print(sysconfig.get_paths()['purelib'])"],
     capture_output=True,
@@ -74,7 +72,6 @@ def kernel_python(tmp_path_factory):
   # A plain path line: this environment's packages without running its .pth
   # files, so its editable bloop_optax (the checkout) stays out of sight.
   (pathlib.Path(site) / "_notebook_deps.pth").write_text(sysconfig.get_paths()["purelib"] + "\n")
-  return python
 
 
 def test_the_notebooks_are_there():
