@@ -26,6 +26,7 @@ from typing import NamedTuple
 import jax
 from jax import lax
 import jax.numpy as jnp
+import numpy as np
 import optax
 
 from bloop_optax import _checks
@@ -204,6 +205,97 @@ def cagrad_weights(gram: jax.Array, c: jax.typing.ArrayLike = 0.5) -> jax.Array:
   return jnp.where(live, jnp.where(at_zero, jnp.zeros_like(mean), corrected), mean)
 
 
+def dualproj_weights(gram: jax.Array) -> jax.Array:
+  r"""DualProj: the mean gradient projected onto the dual cone.
+
+  The projection of :math:`g_0 = \sum_i g_i / K` onto
+  :math:`\{d : \langle d, g_j\rangle \ge 0 \text{ for all } j\}` is :math:`J^T v` with
+  :math:`v = \operatorname{argmin}_{v \ge \mathbf{1} / K} v^T G v`, solved exactly (the
+  active-set method of :func:`upgrad_weights`). Where the mean conflicts with no
+  gradient it is the mean. Scale: invariant.
+  """
+  g = _normalized(gram)
+  k = g.shape[0]
+  u = jnp.full([k], 1 / k, g.dtype)
+  return u + _qp.nonneg(g, jnp.sum(g, axis=1) / k)
+
+
+def config_weights(gram: jax.Array) -> jax.Array:
+  r"""ConFIG: one direction with the same cosine to every gradient.
+
+  With unit gradients :math:`u_i = g_i / \|g_i\|` (zero for a zero gradient),
+  :math:`\hat d \propto U^+ \mathbf{1}` (the least-norm vector with
+  :math:`\langle \hat d, u_i\rangle` equal for all :math:`i`, through the pseudo-inverse),
+  normalised, and scaled by the sum of the gradients' components along it:
+  :math:`d = \big(\sum_i \langle g_i, \hat d\rangle\big) \hat d`. In Gram terms, with
+  :math:`C` the cosine matrix and :math:`a = D^{-1} C^+ \mathbf{1}`
+  (:math:`D = \operatorname{diag}(\|g_i\|)`),
+  :math:`w = a \, (\mathbf{1}^T G a) / (a^T G a)`; :math:`w = 0` when :math:`a^T G a = 0`
+  (e.g. two opposite gradients). Scale: invariant.
+  """
+  g = _normalized(gram)
+  k = g.shape[0]
+  norms = jnp.sqrt(jnp.maximum(jnp.diag(g), 0))
+  live = norms > 0
+  inv = jnp.where(live, 1 / jnp.where(live, norms, 1), 0)
+  cosines = g * inv[:, None] * inv[None, :]
+  a = inv * (_qp.pinv_symmetric(cosines) @ jnp.where(live, 1.0, 0.0).astype(g.dtype))
+  length2 = a @ g @ a
+  positive = length2 > jnp.finfo(g.dtype).eps * jnp.max(jnp.diag(g)) * k
+  scale = jnp.sum(g @ a) / jnp.where(positive, length2, 1)
+  return jnp.where(positive, scale * a, jnp.zeros([k], g.dtype))
+
+
+def krum_weights(gram: jax.Array, n_byzantine: int = 0, n_selected: int = 1) -> jax.Array:
+  r"""Krum: the mean of the gradients closest to their neighbours.
+
+  Each gradient's score is the sum of its squared distances
+  :math:`\|g_i - g_j\|^2 = G_{ii} + G_{jj} - 2 G_{ij}` to its
+  :math:`K - f - 2` nearest other gradients (:math:`f` = ``n_byzantine``); the
+  ``n_selected`` gradients with the lowest scores are averaged (Multi-Krum; ties
+  go to the lower index). Needs :math:`K \ge f + 3`. Scale: invariant.
+  """
+  k = gram.shape[0]
+  _check_krum(k, n_byzantine, n_selected, "aggregators.krum_weights")
+  g = _normalized(gram)
+  diag = jnp.diag(g)
+  dist = jnp.maximum(diag[:, None] + diag[None, :] - 2 * g, 0)
+  dist = jnp.where(jnp.eye(k, dtype=bool), jnp.inf, dist)
+  nearest = jnp.sort(dist, axis=1)[:, : k - n_byzantine - 2]
+  scores = jnp.sum(nearest, axis=1)
+  chosen = jnp.argsort(scores, stable=True)[:n_selected]
+  return jnp.zeros([k], g.dtype).at[chosen].set(1 / n_selected)
+
+
+def _check_krum(k: int, n_byzantine: Any, n_selected: Any, api: str) -> None:
+  if not isinstance(n_byzantine, numbers.Integral) or n_byzantine < 0:
+    raise ValueError(f"{api}: expected n_byzantine to be an int >= 0; got {n_byzantine!r}.")
+  if not isinstance(n_selected, numbers.Integral) or not 1 <= n_selected <= k:
+    raise ValueError(
+      f"{api}: expected n_selected to be an int in [1, K] (K = {k}); got {n_selected!r}."
+    )
+  if k < n_byzantine + 3:
+    raise ValueError(
+      f"{api}: Krum needs K >= n_byzantine + 3 gradients (each score sums the distances to"
+      f" K - n_byzantine - 2 >= 1 neighbours); got K = {k} and n_byzantine = {n_byzantine}."
+    )
+
+
+def random_weights(gram: jax.Array, key: jax.Array) -> jax.Array:
+  r"""Random loss weighting: :math:`w = \operatorname{softmax}(z)`, :math:`z \sim N(0, I_K)`.
+
+  The weights ignore the gradients (the Gram matrix only sets :math:`K` and the
+  dtype); a new draw every step from ``key``.
+  """
+  k = gram.shape[0]
+  return jax.nn.softmax(jax.random.normal(key, [k], gram.dtype))
+
+
+def constant_weights(gram: jax.Array, weights: jax.typing.ArrayLike) -> jax.Array:
+  """The given weights, whatever the gradients: :math:`d = \\sum_i w_i g_i`."""
+  return jnp.broadcast_to(jnp.asarray(weights, gram.dtype), gram.shape[:1])
+
+
 # ------------------------------------------------------------- transforms
 
 
@@ -221,8 +313,8 @@ class AggregatorState(NamedTuple):
       ``ema_decay`` their EMAs'); 0 where a vector is zero.
     objective_weights: float32 ``[K]``, the last step's weights :math:`w`
       (:math:`d = \sum_i w_i g_i`).
-    rng_key: the PRNG key of a random aggregator (:func:`pcgrad`), else
-      ``None``.
+    rng_key: the PRNG key of a random aggregator (:func:`pcgrad`,
+      :func:`random`), else ``None``.
   """
 
   steps: jax.Array
@@ -655,3 +747,193 @@ def upgrad(
   """
   rule = _no_key(upgrad_weights)
   return _aggregator("aggregators.upgrad", num_objectives, rule, ema_decay, accumulator_dtype)
+
+
+def dualproj(
+  num_objectives: int,
+  *,
+  ema_decay: jax.typing.ArrayLike | None = None,
+  accumulator_dtype: Any | None = None,
+) -> optax.GradientTransformationExtraArgs:
+  r"""DualProj: the mean gradient, projected onto the dual cone.
+
+  :math:`g_0 = \sum_i g_i / K` is projected onto
+  :math:`\{d : \langle d, g_j\rangle \ge 0 \text{ for all } j\}` (see
+  :func:`dualproj_weights`), so no objective increases to first order. Where the
+  mean conflicts with no gradient it is :func:`mean`. :func:`upgrad` projects
+  each gradient instead and averages the projections.
+
+  Args:
+    num_objectives: the number :math:`K` of objectives.
+    ema_decay: ``None`` (default) or :math:`\beta`: decide the weights from the EMAs'
+      Gram matrix, as in :func:`mgda`.
+    accumulator_dtype: dtype of the EMAs.
+
+  Returns:
+    An ``optax.GradientTransformationExtraArgs``; see :func:`mgda`.
+
+  Examples:
+    >>> import jax.numpy as jnp
+    >>> from bloop_optax import aggregators
+    >>> tx = aggregators.dualproj(2)
+    >>> g1, g2 = jnp.array([1.0, 0.0]), jnp.array([-2.0, 1.0])
+    >>> d, _ = tx.update((g1, g2), tx.init(g1))
+    >>> d  # the mean (-0.5, 0.5) conflicts with g1: projected onto <d, g1> = 0
+    Array([0. , 0.5], dtype=float32)
+
+  References:
+    Quinton and Rey, "Jacobian Descent for Multi-Objective Optimization",
+    arXiv:2406.16232 (the DualProj aggregator).
+  """
+  rule = _no_key(dualproj_weights)
+  return _aggregator("aggregators.dualproj", num_objectives, rule, ema_decay, accumulator_dtype)
+
+
+def config(
+  num_objectives: int,
+  *,
+  ema_decay: jax.typing.ArrayLike | None = None,
+  accumulator_dtype: Any | None = None,
+) -> optax.GradientTransformationExtraArgs:
+  r"""ConFIG: a conflict-free direction with equal cosines to every gradient.
+
+  The direction :math:`\hat d` makes the same angle with every gradient (the
+  least-norm solution of :math:`\langle \hat d, g_i / \|g_i\|\rangle = 1`, normalised),
+  and its length is the sum of the gradients' components along it (see
+  :func:`config_weights`). This is the variant TorchJD implements (the paper's
+  Equation 4, without its momentum version).
+
+  Args:
+    num_objectives: the number :math:`K` of objectives.
+    ema_decay: ``None`` (default) or :math:`\beta`: decide the weights from the EMAs'
+      Gram matrix, as in :func:`mgda`.
+    accumulator_dtype: dtype of the EMAs.
+
+  Returns:
+    An ``optax.GradientTransformationExtraArgs``; see :func:`mgda`.
+
+  Examples:
+    >>> import jax.numpy as jnp
+    >>> from bloop_optax import aggregators
+    >>> tx = aggregators.config(2)
+    >>> g1, g2 = jnp.array([1.0, 0.0]), jnp.array([0.0, 2.0])
+    >>> d, _ = tx.update((g1, g2), tx.init(g1))
+    >>> d  # along (1, 1), with length <g1 + g2, (1, 1) / sqrt(2)>
+    Array([1.5, 1.5], dtype=float32)
+
+  References:
+    Liu, Chu, Thuerey, "ConFIG: Towards Conflict-free Training of Physics
+    Informed Neural Networks", ICLR 2025 (arXiv:2408.11104).
+  """
+  rule = _no_key(config_weights)
+  return _aggregator("aggregators.config", num_objectives, rule, ema_decay, accumulator_dtype)
+
+
+def krum(
+  num_objectives: int,
+  n_byzantine: int = 0,
+  n_selected: int = 1,
+  *,
+  ema_decay: jax.typing.ArrayLike | None = None,
+  accumulator_dtype: Any | None = None,
+) -> optax.GradientTransformationExtraArgs:
+  r"""Krum: the mean of the gradients that sit closest to the others.
+
+  A robust rule: with up to ``n_byzantine`` arbitrary (faulty) gradients among
+  the :math:`K`, it keeps the ``n_selected`` gradients whose squared distances to
+  their nearest neighbours sum lowest (see :func:`krum_weights`); distances come
+  from the Gram matrix.
+
+  Args:
+    num_objectives: the number :math:`K \ge` ``n_byzantine + 3`` of objectives.
+    n_byzantine: the number :math:`f` of gradients that may be arbitrary.
+    n_selected: how many gradients to average (1: Krum, more: Multi-Krum).
+    ema_decay: ``None`` (default) or :math:`\beta`: decide the weights from the EMAs'
+      Gram matrix, as in :func:`mgda`.
+    accumulator_dtype: dtype of the EMAs.
+
+  Returns:
+    An ``optax.GradientTransformationExtraArgs``; see :func:`mgda`.
+
+  Examples:
+    >>> import jax.numpy as jnp
+    >>> from bloop_optax import aggregators
+    >>> tx = aggregators.krum(4, n_byzantine=1, n_selected=2)
+    >>> grads = tuple(jnp.array(v) for v in ([1.0, 0.0], [1.1, 0.0], [0.9, 0.1], [-9.0, 5.0]))
+    >>> d, state = tx.update(grads, tx.init(grads[0]))
+    >>> state.objective_weights  # the outlier is never chosen
+    Array([0.5, 0.5, 0. , 0. ], dtype=float32)
+
+  References:
+    Blanchard, El Mhamdi, Guerraoui, Stainer, "Machine Learning with
+    Adversaries: Byzantine Tolerant Gradient Descent", NeurIPS 2017.
+  """
+  api = "aggregators.krum"
+  k = _check_count(num_objectives, api)
+  _check_krum(k, n_byzantine, n_selected, api)
+  rule = _no_key(lambda gram: krum_weights(gram, n_byzantine, n_selected))
+  return _aggregator(api, k, rule, ema_decay, accumulator_dtype)
+
+
+def random(num_objectives: int, key: jax.Array | int = 0) -> optax.GradientTransformationExtraArgs:
+  r"""Random loss weighting: the gradients weighted by softmax of a normal draw.
+
+  Every step draws :math:`z \sim N(0, I_K)` from the key in the state and returns
+  :math:`d = \sum_i \operatorname{softmax}(z)_i g_i` (see :func:`random_weights`). The
+  weights do not depend on the gradients, so there is no EMA option.
+
+  Args:
+    num_objectives: the number :math:`K` of objectives.
+    key: a PRNG key, or an int seed.
+
+  Returns:
+    An ``optax.GradientTransformationExtraArgs``; see :func:`mgda`.
+
+  Examples:
+    >>> import jax.numpy as jnp
+    >>> from bloop_optax import aggregators
+    >>> tx = aggregators.random(3, key=0)
+    >>> g = jnp.ones(2)
+    >>> d, state = tx.update((g, g, g), tx.init(g))
+    >>> round(float(state.objective_weights.sum()), 6)  # weights on the simplex
+    1.0
+
+  References:
+    Lin, Ye, Xu, Shi, Zhang, Kwok, "Reasonable Effectiveness of Random
+    Weighting: A Litmus Test for Multi-Task Learning", TMLR 2022.
+  """
+  api = "aggregators.random"
+  if key is None:
+    raise TypeError(f"{api}: expected key to be a PRNG key or an int seed; got None.")
+  return _aggregator(api, num_objectives, random_weights, None, None, key=key)
+
+
+def constant(weights: jax.typing.ArrayLike) -> optax.GradientTransformationExtraArgs:
+  r"""Fixed weights: :math:`d = \sum_i w_i g_i` with the given :math:`w`.
+
+  ``constant(jnp.ones(K))`` sums the gradients; :func:`mean` averages them.
+
+  Args:
+    weights: the :math:`K` weights, a 1-d array or sequence of numbers.
+
+  Returns:
+    An ``optax.GradientTransformationExtraArgs``; see :func:`mgda`.
+
+  Examples:
+    >>> import jax.numpy as jnp
+    >>> from bloop_optax import aggregators
+    >>> tx = aggregators.constant([1.0, 0.5])
+    >>> d, _ = tx.update((jnp.array([2.0, 0.0]), jnp.array([0.0, 4.0])), tx.init(None))
+    >>> d
+    Array([2., 2.], dtype=float32)
+  """
+  api = "aggregators.constant"
+  values = np.asarray(weights)
+  if values.ndim != 1 or values.size < 1 or not np.issubdtype(values.dtype, np.number):
+    raise ValueError(
+      f"{api}: expected weights to be a 1-d sequence of K >= 1 numbers; got {weights!r}."
+    )
+  if not np.all(np.isfinite(values)):
+    raise ValueError(f"{api}: expected finite weights; got {weights!r}.")
+  rule = _no_key(lambda gram: constant_weights(gram, values))
+  return _aggregator(api, int(values.size), rule, None, None)

@@ -31,14 +31,24 @@ from bloop_optax._aggregators import aligned_mtl
 from bloop_optax._aggregators import aligned_mtl_weights
 from bloop_optax._aggregators import cagrad
 from bloop_optax._aggregators import cagrad_weights
+from bloop_optax._aggregators import config
+from bloop_optax._aggregators import config_weights
+from bloop_optax._aggregators import constant
+from bloop_optax._aggregators import constant_weights
+from bloop_optax._aggregators import dualproj
+from bloop_optax._aggregators import dualproj_weights
 from bloop_optax._aggregators import imtl_g
 from bloop_optax._aggregators import imtl_g_weights
+from bloop_optax._aggregators import krum
+from bloop_optax._aggregators import krum_weights
 from bloop_optax._aggregators import mean
 from bloop_optax._aggregators import mean_weights
 from bloop_optax._aggregators import mgda
 from bloop_optax._aggregators import mgda_weights
 from bloop_optax._aggregators import pcgrad
 from bloop_optax._aggregators import pcgrad_weights
+from bloop_optax._aggregators import random
+from bloop_optax._aggregators import random_weights
 from bloop_optax._aggregators import upgrad
 from bloop_optax._aggregators import upgrad_weights
 
@@ -48,14 +58,24 @@ __all__ = (
   "aligned_mtl_weights",
   "cagrad",
   "cagrad_weights",
+  "config",
+  "config_weights",
+  "constant",
+  "constant_weights",
+  "dualproj",
+  "dualproj_weights",
   "imtl_g",
   "imtl_g_weights",
+  "krum",
+  "krum_weights",
   "mean",
   "mean_weights",
   "mgda",
   "mgda_weights",
   "pcgrad",
   "pcgrad_weights",
+  "random",
+  "random_weights",
   "upgrad",
   "upgrad_weights",
 )

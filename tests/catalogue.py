@@ -84,7 +84,7 @@ def _cases() -> list[Case]:
       ("num_objectives",),
     ),
   ]
-  for name in ("mgda", "pcgrad", "cagrad", "imtl_g", "aligned_mtl", "upgrad"):
+  for name in ("mgda", "pcgrad", "cagrad", "imtl_g", "aligned_mtl", "upgrad", "dualproj", "config"):
     factory = getattr(aggregators, name)
     for decay in (None, 0.9):
       suffix = "" if decay is None else "_ema"
@@ -100,6 +100,32 @@ def _cases() -> list[Case]:
           static,
         )
       )
+  cases += [
+    Case(
+      "aggregators.krum",
+      lambda: aggregators.krum(3, n_selected=2),
+      3,
+      aggregators.krum,
+      {"num_objectives": 3, "n_byzantine": 0, "n_selected": 2},
+      ("num_objectives", "n_byzantine", "n_selected"),
+    ),
+    Case(
+      "aggregators.random",
+      lambda: aggregators.random(3, key=2),
+      3,
+      aggregators.random,
+      {"num_objectives": 3, "key": 2},
+      ("num_objectives",),
+    ),
+    Case(
+      "aggregators.constant",
+      lambda: aggregators.constant((1.0, 0.5, 2.0)),
+      3,
+      aggregators.constant,
+      {"weights": (1.0, 0.5, 2.0)},
+      ("weights",),
+    ),
+  ]
   return cases
 
 

@@ -171,3 +171,34 @@ def cagrad(jac, c):
   if norm <= np.sqrt(np.finfo(float).eps) * np.linalg.norm(jac, axis=1).max():
     return np.zeros_like(g0)  # g_w = 0: d is undefined; 0 by convention
   return g0 + r / norm * best
+
+
+@scale_free
+def dualproj(jac):
+  """Quinton and Rey 2024: the mean of the rows projected onto the dual cone."""
+  return _project_on_cone(jac.mean(axis=0), jac)
+
+
+@scale_free
+def config(jac):
+  """Liu et al. 2024 (ConFIG), Equation 4: the least-norm vector with unit
+  projections on every unit gradient, normalised, times the sum of the
+  gradients' components along it. Zero gradients give zero unit vectors."""
+  norms = np.linalg.norm(jac, axis=1, keepdims=True)
+  units = np.divide(jac, norms, out=np.zeros_like(jac), where=norms > 0)
+  best = np.linalg.pinv(units) @ np.ones(len(jac))
+  size = np.linalg.norm(best)
+  if size <= 1e-12:
+    return np.zeros(jac.shape[1])
+  unit = best / size
+  return np.sum(jac @ unit) * unit
+
+
+def krum(jac, n_byzantine, n_selected):
+  """Blanchard et al. 2017 (Multi-Krum): score = sum of squared distances to
+  the K - f - 2 nearest other rows; mean of the n_selected lowest scores."""
+  k = len(jac)
+  dist = ((jac[:, None, :] - jac[None, :, :]) ** 2).sum(axis=2)
+  scores = [np.sort(np.delete(dist[i], i))[: k - n_byzantine - 2].sum() for i in range(k)]
+  chosen = np.argsort(scores, kind="stable")[:n_selected]
+  return jac[chosen].mean(axis=0)

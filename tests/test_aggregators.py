@@ -31,6 +31,8 @@ RULES = {
   "aligned_mtl": (agg.aligned_mtl_weights, ref.aligned_mtl),
   "upgrad": (agg.upgrad_weights, ref.upgrad),
   "cagrad": (lambda g: agg.cagrad_weights(g, 0.5), lambda j: ref.cagrad(j, 0.5)),
+  "dualproj": (agg.dualproj_weights, ref.dualproj),
+  "config": (agg.config_weights, ref.config),
 }
 FACTORIES = {
   "mgda": agg.mgda,
@@ -39,6 +41,8 @@ FACTORIES = {
   "imtl_g": agg.imtl_g,
   "aligned_mtl": agg.aligned_mtl,
   "upgrad": agg.upgrad,
+  "dualproj": agg.dualproj,
+  "config": agg.config,
 }
 
 
@@ -156,7 +160,7 @@ def run_rule(name, jac, c=0.5):
 
 
 G = np.array([3.0, -1.0, 2.0])
-ALL = ["mean", "mgda", "pcgrad", "cagrad", "imtl_g", "aligned_mtl", "upgrad"]
+ALL = ["mean", "mgda", "pcgrad", "cagrad", "imtl_g", "aligned_mtl", "upgrad", "dualproj", "config"]
 
 
 @pytest.mark.parametrize("name", ALL)
@@ -167,7 +171,7 @@ def test_one_objective(name):
 
 @pytest.mark.parametrize("name", ALL)
 def test_identical_gradients(name):
-  want = {"pcgrad": 3 * G, "cagrad": 1.5 * G}.get(name, G)
+  want = {"pcgrad": 3 * G, "cagrad": 1.5 * G, "config": 3 * G}.get(name, G)
   np.testing.assert_allclose(run_rule(name, np.stack([G, G, G])), want, rtol=1e-12)
 
 
@@ -192,6 +196,8 @@ def test_zero_gradients_give_zero_and_no_nan(name):
     ("imtl_g", G),  # the pseudo-inverse ignores the zero gradient
     ("aligned_mtl", G / 2),
     ("upgrad", G / 2),
+    ("dualproj", G / 2),
+    ("config", G),  # a zero gradient has no direction: the other one's
   ],
 )
 def test_one_zero_gradient(name, want):
@@ -208,6 +214,8 @@ def test_one_zero_gradient(name, want):
     ("aligned_mtl", 1.5 * G),  # rank 1: B J = projection onto the one direction
     ("upgrad", 1.5 * G),
     ("cagrad", 1.5 * G + 0.5 * 1.5 * G),  # hull = [g, 2g]: g_w along g
+    ("dualproj", 1.5 * G),
+    ("config", 3 * G),  # along g, with length |g| + |2g|
   ],
 )
 def test_collinear_gradients(name, want):
@@ -293,7 +301,9 @@ def test_zero_decay_equals_no_ema(name):
     np.testing.assert_allclose(flat(da), flat(db), rtol=2e-5, atol=2e-5)
 
 
-@pytest.mark.parametrize("name", ["mgda", "upgrad", "cagrad", "aligned_mtl", "imtl_g"])
+@pytest.mark.parametrize(
+  "name", ["mgda", "upgrad", "cagrad", "aligned_mtl", "imtl_g", "dualproj", "config"]
+)
 def test_ema_weights_come_from_the_emas_and_apply_to_the_batch(name):
   """The reference keeps float64 EMAs, decides the weights on them (weights =
   least-squares coefficients of the reference direction on the EMAs, unique
@@ -527,3 +537,107 @@ def test_many_objectives_give_the_exact_direction(name):
   got = flat(d)
   assert np.abs(got - want).max() <= 1e-4 * np.abs(want).max(), name
   assert int(state.skipped_steps) == 0
+
+
+# ------------------------------------------ DualProj, ConFIG, Krum, Random, Constant
+
+
+def test_dualproj_never_conflicts_and_is_the_mean_without_conflict():
+  with enable_x64():
+    for jac in random_jacobians(5):
+      d = np.asarray(jax.jit(agg.dualproj_weights)(jnp.asarray(jac @ jac.T))) @ jac
+      assert np.all(jac @ d >= -1e-10 * np.abs(jac).max() ** 2), jac.shape
+      if np.all(jac @ jac.mean(0) >= 0):
+        np.testing.assert_allclose(d, jac.mean(0), atol=1e-12 * np.abs(jac).max())
+
+
+def test_config_has_equal_positive_cosines_with_independent_gradients():
+  rng = np.random.default_rng(6)
+  with enable_x64():
+    for k, p in [(2, 5), (3, 3), (4, 9)]:
+      jac = rng.standard_normal((k, p)) * rng.uniform(0.1, 10, size=(k, 1))
+      jac[1] = -0.8 * jac[0] + 0.2 * jac[1]  # a strong conflict
+      d = np.asarray(agg.config_weights(jnp.asarray(jac @ jac.T))) @ jac
+      cosines = jac @ d / np.linalg.norm(jac, axis=1) / np.linalg.norm(d)
+      np.testing.assert_allclose(cosines, cosines[0], rtol=1e-10)
+      assert cosines[0] > 0
+
+
+@pytest.mark.parametrize(
+  "rule",
+  [agg.dualproj_weights, agg.config_weights, lambda g: agg.krum_weights(g, 1, 2)],
+  ids=["dualproj", "config", "krum"],
+)
+def test_new_rules_are_permutation_equivariant_and_scale_invariant(rule):
+  rng = np.random.default_rng(7)
+  with enable_x64():
+    for _ in range(5):
+      jac = rng.standard_normal((5, 4)) * rng.uniform(0.1, 10, size=(5, 1))
+      perm = rng.permutation(5)
+      gram = jnp.asarray(jac @ jac.T)
+      w = np.asarray(rule(gram))
+      np.testing.assert_allclose(np.asarray(rule(gram[perm][:, perm])), w[perm], atol=1e-12)
+      np.testing.assert_allclose(np.asarray(rule(1e6 * gram)), w, rtol=1e-10, atol=1e-12)
+
+
+def test_krum_equals_the_reference_and_drops_the_outliers():
+  rng = np.random.default_rng(8)
+  with enable_x64():
+    for k, f, m in [(3, 0, 1), (5, 1, 2), (6, 2, 3), (7, 2, 1)]:
+      jac = rng.standard_normal((k, 6))
+      weights = jax.jit(agg.krum_weights, static_argnums=(1, 2))(jnp.asarray(jac @ jac.T), f, m)
+      assert direction_error(weights, jac, ref.krum(jac, f, m)) < 1e-12
+    honest = 1.0 + 0.1 * rng.standard_normal((5, 3))
+    byzantine = 50 * rng.standard_normal((2, 3))
+    jac = np.concatenate([honest, byzantine])
+    tx = agg.krum(7, n_byzantine=2, n_selected=3)
+    grads = tuple(jnp.asarray(row) for row in jac)
+    _, state = tx.update(grads, tx.init(grads[0]))
+    assert np.all(np.asarray(state.objective_weights)[5:] == 0)
+    np.testing.assert_allclose(np.asarray(state.objective_weights).sum(), 1, rtol=1e-6)
+
+
+def test_random_weights_are_softmax_of_a_fresh_normal_draw_each_step():
+  tx = agg.random(3, key=4)
+  g = (jnp.array([1.0, 0.0]), jnp.array([0.0, 1.0]), jnp.array([1.0, 1.0]))
+  state = tx.init(g[0])
+  key = state.rng_key
+  seen = []
+  for _ in range(3):
+    d, state = tx.update(g, state)
+    key, sub = jax.random.split(key)
+    want = jax.nn.softmax(jax.random.normal(sub, [3]))
+    np.testing.assert_allclose(state.objective_weights, want, rtol=1e-6)
+    np.testing.assert_allclose(d, want[0] * g[0] + want[1] * g[1] + want[2] * g[2], rtol=1e-6)
+    seen.append(np.asarray(state.objective_weights))
+  assert not np.allclose(seen[0], seen[1])
+
+
+def test_constant_weights_and_sum():
+  grads = (jnp.array([1.0, 2.0]), jnp.array([-3.0, 0.5]))
+  tx = agg.constant(jnp.ones(2))
+  d, state = tx.update(grads, tx.init(grads[0]))
+  np.testing.assert_allclose(d, grads[0] + grads[1])
+  tx = agg.constant([0.25, 2.0])
+  d, _ = jax.jit(tx.update)(grads, tx.init(grads[0]))
+  np.testing.assert_allclose(d, 0.25 * grads[0] + 2.0 * grads[1])
+
+
+@pytest.mark.parametrize(
+  ("make", "match"),
+  [
+    (lambda: agg.krum(3, n_byzantine=1), "K >= n_byzantine \\+ 3"),
+    (lambda: agg.krum(5, n_selected=6), "n_selected"),
+    (lambda: agg.krum(5, n_byzantine=-1), "n_byzantine"),
+    (lambda: agg.constant([[1.0, 2.0]]), "1-d sequence"),
+    (lambda: agg.constant([1.0, float("nan")]), "finite"),
+  ],
+)
+def test_bad_arguments_of_the_new_rules_raise(make, match):
+  with pytest.raises(ValueError, match=match):
+    make()
+
+
+def test_random_without_a_key_raises():
+  with pytest.raises(TypeError, match="PRNG key"):
+    agg.random(2, key=None)

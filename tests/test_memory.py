@@ -54,7 +54,10 @@ def test_baseline_steps_have_no_parameter_sized_temporary(factory):
   assert temp < param_bytes / 16, (temp, param_bytes)
 
 
-@pytest.mark.parametrize("name", ["mgda", "pcgrad", "cagrad", "imtl_g", "aligned_mtl", "upgrad"])
+AGGREGATORS = ["mgda", "pcgrad", "cagrad", "imtl_g", "aligned_mtl", "upgrad", "dualproj", "config"]
+
+
+@pytest.mark.parametrize("name", [*AGGREGATORS, "krum"])
 @pytest.mark.parametrize("ema_decay", [None, 0.9])
 def test_aggregator_steps_have_no_parameter_sized_temporary(name, ema_decay):
   """Three objectives: the Gram matrix is scalars, the EMAs are written in

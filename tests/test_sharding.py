@@ -56,6 +56,10 @@ def test_aggregators_sharded_equal_single_device_and_communicate_only_scalars(re
     "pcgrad",
     "imtl_g",
     "aligned_mtl",
+    "dualproj_ema",
+    "config",
+    "krum",
+    "random",
     "hierarchical_bloop",
     "upgrad_ema_k12",
   }
