@@ -50,7 +50,18 @@ from tqdm import tqdm
 import bloop_optax
 from bloop_optax import aggregators
 
-NAMES = ["mean", "mgda", "pcgrad", "cagrad", "imtl_g", "aligned_mtl", "upgrad"]
+NAMES = [
+  "mean",
+  "mgda",
+  "pcgrad",
+  "cagrad",
+  "imtl_g",
+  "aligned_mtl",
+  "upgrad",
+  "dualproj",
+  "config",
+  "krum",
+]
 OBJECTIVES = ["label of A", "label of B", "parity of A + B"]
 EMA_DECAY = 0.99
 
@@ -61,6 +72,7 @@ def methods(k: int) -> dict:
     factory = getattr(aggregators, name)
     out[name] = lambda f=factory: f(k)
     out[f"{name}+EMA"] = lambda f=factory: f(k, ema_decay=EMA_DECAY)
+  out["random"] = lambda: aggregators.random(k, key=0)  # weights ignore the gradients: no EMA
   return out
 
 
@@ -247,11 +259,13 @@ def _format_task(summary, seeds, steps):
 
 
 def _plot_task(curves, epochs, path):
+  from matplotlib import colormaps
   from matplotlib.figure import Figure
 
+  palette = colormaps["tab20"]
   fig = Figure(figsize=(13, 4))
   axes = fig.subplots(1, 4)
-  for c, name in enumerate(NAMES):
+  for c, name in enumerate([*NAMES, "random"]):
     for suffix, style in (("", "-"), ("+EMA", "--")):
       key = name + suffix
       if key not in curves:
@@ -260,7 +274,7 @@ def _plot_task(curves, epochs, path):
       x = np.linspace(0, epochs, data.shape[1])
       series = [data[..., i] for i in range(3)] + [data.mean(axis=2)]
       for ax, values in zip(axes, series, strict=True):
-        ax.plot(x, values.mean(axis=0), style, color=f"C{c}", label=key, lw=1.2)
+        ax.plot(x, values.mean(axis=0), style, color=palette(c), label=key, lw=1.2)
   for ax, title in zip(axes, [*OBJECTIVES, "mean of the three"], strict=True):
     ax.set_title(f"held-out CE: {title}", fontsize=9)
     ax.set_xlabel("epoch")
@@ -381,9 +395,12 @@ def run_monte_carlo(out: pathlib.Path, quick: bool) -> str:
 def _plot_mc(sigmas, curves, path):
   from matplotlib.figure import Figure
 
-  fig = Figure(figsize=(13, 6))
-  axes = fig.subplots(2, 3).ravel()
-  for ax, (name, c) in zip(axes, curves.items(), strict=True):
+  rows = -(-len(curves) // 3)
+  fig = Figure(figsize=(13, 3 * rows))
+  axes = fig.subplots(rows, 3).ravel()
+  for ax in axes[len(curves) :]:
+    ax.set_visible(False)
+  for ax, (name, c) in zip(axes, curves.items(), strict=False):
     for j, (label, values) in enumerate(c.items()):
       ax.plot(sigmas, values, marker="o", ms=3, color=f"C{j}", label=label)
     ax.set_xscale("log")
