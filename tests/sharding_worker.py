@@ -96,7 +96,6 @@ def main(axis_type_name):
     ("dualproj_ema", aggregators.dualproj(3, ema_decay=0.8), triples),
     ("config", aggregators.config(3), triples),
     ("krum", aggregators.krum(3, n_selected=2), triples),
-    ("random", aggregators.random(3, key=3), triples),
     ("hierarchical_bloop", bloop_optax.hierarchical_bloop((0.5, 0.5), 0.8), triples),
     ("upgrad_ema_k12", aggregators.upgrad(12, ema_decay=0.8), many),
   ]:

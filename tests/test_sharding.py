@@ -59,7 +59,6 @@ def test_aggregators_sharded_equal_single_device_and_communicate_only_scalars(re
     "dualproj_ema",
     "config",
     "krum",
-    "random",
     "hierarchical_bloop",
     "upgrad_ema_k12",
   }
