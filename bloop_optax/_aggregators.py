@@ -263,8 +263,14 @@ def krum_weights(gram: jax.Array, n_byzantine: int = 0, n_selected: int = 1) -> 
   dist = jnp.where(jnp.eye(k, dtype=bool), jnp.inf, dist)
   nearest = jnp.sort(dist, axis=1)[:, : k - n_byzantine - 2]
   scores = jnp.sum(nearest, axis=1)
-  chosen = jnp.argsort(scores, stable=True)[:n_selected]
-  return jnp.zeros([k], g.dtype).at[chosen].set(1 / n_selected)
+  # Each score's rank (ties to the lower index), by comparisons: no scatter,
+  # which older JAX cannot partition on an explicit mesh.
+  index = jnp.arange(k)
+  before = (scores[None, :] < scores[:, None]) | (
+    (scores[None, :] == scores[:, None]) & (index[None, :] < index[:, None])
+  )
+  rank = jnp.sum(before, axis=1)
+  return jnp.where(rank < n_selected, 1 / n_selected, 0).astype(g.dtype)
 
 
 def _check_krum(k: int, n_byzantine: Any, n_selected: Any, api: str) -> None:
