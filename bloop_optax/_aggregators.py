@@ -142,11 +142,16 @@ def upgrad_weights(gram: jax.Array) -> jax.Array:
   g = _normalized(gram)
   k = g.shape[0]
   units = jnp.eye(k, dtype=g.dtype) / k
+  return jnp.sum(jax.vmap(lambda u: _onto_dual_cone(g, u))(units), axis=0)
 
-  def project(u):
-    return u + _qp.nonneg(g, g @ u)
 
-  return jnp.sum(jax.vmap(project)(units), axis=0)
+def _onto_dual_cone(g: jax.Array, u: jax.Array) -> jax.Array:
+  """Weights of the projection of ``J^T u`` onto the dual cone of the rows of
+  ``J``: ``argmin_{v >= u} v^T G v``, i.e. ``u`` plus the nonnegative QP in
+  ``x = v - u`` (quadratic ``G``, linear ``G u``). ``G u`` as a sum of
+  products: older JAX refuses a matrix product between an array on an explicit
+  mesh and a constant ``u``."""
+  return u + _qp.nonneg(g, jnp.sum(g * u[None, :], axis=1))
 
 
 def cagrad_weights(gram: jax.Array, c: jax.typing.ArrayLike = 0.5) -> jax.Array:
@@ -216,8 +221,7 @@ def dualproj_weights(gram: jax.Array) -> jax.Array:
   """
   g = _normalized(gram)
   k = g.shape[0]
-  u = jnp.full([k], 1 / k, g.dtype)
-  return u + _qp.nonneg(g, jnp.sum(g, axis=1) / k)
+  return _onto_dual_cone(g, jnp.full([k], 1 / k, g.dtype))
 
 
 def config_weights(gram: jax.Array) -> jax.Array:
@@ -338,6 +342,11 @@ def _check_count(num_objectives: Any, api: str) -> int:
       f" gradients that update takes); got {num_objectives!r}."
     )
   return int(num_objectives)
+
+
+def _check_key(key: Any, api: str) -> None:
+  if key is None:
+    raise TypeError(f"{api}: expected key to be a PRNG key or an int seed; got None.")
 
 
 def _check_ema(ema_decay: Any, api: str) -> None:
@@ -583,8 +592,7 @@ def pcgrad(
   """
   api = "aggregators.pcgrad"
   k = _check_count(num_objectives, api)
-  if key is None:
-    raise TypeError(f"{api}: expected key to be a PRNG key or an int seed; got None.")
+  _check_key(key, api)
 
   def rule(gram, step_key):
     orders = jax.vmap(lambda kk: jax.random.permutation(kk, k))(jax.random.split(step_key, k))
@@ -909,8 +917,7 @@ def random(num_objectives: int, key: jax.Array | int = 0) -> optax.GradientTrans
     Weighting: A Litmus Test for Multi-Task Learning", TMLR 2022.
   """
   api = "aggregators.random"
-  if key is None:
-    raise TypeError(f"{api}: expected key to be a PRNG key or an int seed; got None.")
+  _check_key(key, api)
   return _aggregator(api, num_objectives, random_weights, None, None, key=key)
 
 
