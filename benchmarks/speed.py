@@ -519,48 +519,41 @@ def _full_step_for(model_name, params, losses, rounds, inner):
   naive_tx = optax.chain(naive_bloop(lam, 0.99), optax.adam(1e-3))
   adam = optax.adam(1e-3)
 
-  def with_helper(carry):
-    p, s, key = carry
-    key, sub = jax.random.split(key)
-    _, grads = bloop_optax.value_and_grads(losses)(p, sub)
-    u, s = bloop_tx.update(grads, s, p)
-    return optax.apply_updates(p, u), s, key
+  # Each variant: the direction its optimizer takes from (params, PRNG key),
+  # then the same update, apply and key split.
+  def bloop_direction(p, sub):
+    return bloop_optax.value_and_grads(losses)(p, sub)[1]
 
-  def two_grads(carry):
-    p, s, key = carry
-    key, sub = jax.random.split(key)
-    g_main = jax.grad(lambda p: losses(p, sub)[0])(p)
-    g_aux = jax.grad(lambda p: losses(p, sub)[1])(p)
-    u, s = naive_tx.update((g_main, g_aux), s, p)
-    return optax.apply_updates(p, u), s, key
+  def two_grads(p, sub):
+    return tuple(jax.grad(lambda p, i=i: losses(p, sub)[i])(p) for i in (0, 1))
 
-  def mixed(carry):
-    p, s, key = carry
-    key, sub = jax.random.split(key)
-
+  def mixed_grad(p, sub):
     def total(p):
       main, aux = losses(p, sub)
       return main + lam * aux
 
-    u, s = adam.update(jax.grad(total)(p), s, p)
-    return optax.apply_updates(p, u), s, key
+    return jax.grad(total)(p)
 
-  def single_loss(carry):
-    p, s, key = carry
-    key, sub = jax.random.split(key)
-    g = jax.grad(lambda p: losses(p, sub)[0])(p)
-    u, s = adam.update(g, s, p)
-    return optax.apply_updates(p, u), s, key
+  def main_grad(p, sub):
+    return jax.grad(lambda p: losses(p, sub)[0])(p)
 
-  def start(tx):
-    return lambda: (jax.tree.map(lambda x: x.copy(), params), tx.init(params), jax.random.key(0))
+  def variant(tx, gradients):
+    def step(carry):
+      p, s, key = carry
+      key, sub = jax.random.split(key)
+      u, s = tx.update(gradients(p, sub), s, p)
+      return optax.apply_updates(p, u), s, key
 
-  jit = lambda f: jax.jit(f, donate_argnums=0)
+    def start():
+      return jax.tree.map(lambda x: x.copy(), params), tx.init(params), jax.random.key(0)
+
+    return start, jax.jit(step, donate_argnums=0)
+
   fns = {
-    FULL_STEP_BASELINE: (start(adam), jit(mixed)),
-    "bloop: value_and_grads + bloop + adam": (start(bloop_tx), jit(with_helper)),
-    "2x jax.grad + plain formula + adam": (start(naive_tx), jit(two_grads)),
-    "main loss only: jax.grad + adam": (start(adam), jit(single_loss)),
+    FULL_STEP_BASELINE: variant(adam, mixed_grad),
+    "bloop: value_and_grads + bloop + adam": variant(bloop_tx, bloop_direction),
+    "2x jax.grad + plain formula + adam": variant(naive_tx, two_grads),
+    "main loss only: jax.grad + adam": variant(adam, main_grad),
   }
   times = _time_interleaved(fns, rounds, inner)
   base = times[FULL_STEP_BASELINE]
