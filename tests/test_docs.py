@@ -29,11 +29,12 @@ class _Links(html.parser.HTMLParser):
     self.resources = []  # what the browser loads by itself: scripts, styles, images
 
   def handle_starttag(self, tag, attrs):
+    # A <link> is fetched by itself only as a stylesheet or a preload.
+    fetched = tag != "link" or dict(attrs).get("rel") in {"stylesheet", "preload"}
     for name, value in attrs:
       if (tag, name) in {("a", "href"), ("img", "src"), ("link", "href"), ("script", "src")}:
         self.links.append(value)
-      if (tag, name) in {("img", "src"), ("link", "href"), ("script", "src")} and value:
-        if not (tag == "link" and dict(attrs).get("rel") not in {"stylesheet", "preload"}):
+        if tag != "a" and value and fetched:
           self.resources.append(value)
 
 
