@@ -306,6 +306,199 @@ def constant_weights(gram: jax.Array, weights: jax.typing.ArrayLike) -> jax.Arra
   return jnp.broadcast_to(jnp.asarray(weights, gram.dtype), gram.shape[:1])
 
 
+def _orders(key: jax.Array, k: int) -> jax.Array:
+  """``[K, K]`` visiting orders: row ``i`` a random permutation of ``0 .. K-1``."""
+  return jax.vmap(lambda kk: jax.random.permutation(kk, k))(jax.random.split(key, k))
+
+
+# Damped Newton iterations of the alpha-fair problem (Nash-MTL, FairGrad). From
+# the start below, well-posed problems converge in under 10 and the ridge's
+# degenerate directions (opposite or zero gradients) grow geometrically to
+# their size in under 25 (tests check the residual of the defining equation).
+FAIR_NEWTON_STEPS = 40
+
+
+def _alpha_fair(a: jax.Array, p: jax.Array) -> jax.Array:
+  r"""The :math:`w > 0` with :math:`A w = w^{-p}` (:math:`A` positive definite, :math:`p > 0`).
+
+  It is the unique minimiser of the strictly convex
+  :math:`f(w) = w^\top A w / 2 - \sum_i \phi(w_i)` with :math:`\phi' = w^{-p}`
+  (:math:`\phi = \log` for :math:`p = 1`). Newton steps, each the full step once
+  the Newton decrement is below 0.1 and otherwise the longest of
+  :math:`1, 1/2, \ldots, 2^{-30}` that stays positive and decreases :math:`f` by a
+  quarter of the predicted amount (Armijo); a fixed number of steps, no host
+  round trip.
+  """
+  dtype = a.dtype
+  near_log = jnp.abs(1 - p) < 1e-6
+  q = jnp.where(near_log, 2.0, 1 - p)  # 1 - p, kept away from 0
+
+  def f(w):
+    phi = jnp.where(near_log, jnp.log(w), (w**q - 1) / q)
+    return 0.5 * w @ (a @ w) - jnp.sum(phi)
+
+  steps = jnp.exp2(-jnp.arange(31, dtype=dtype))
+
+  def body(_, w):
+    grad = a @ w - w ** (-p)
+    hess = a + jnp.diag(p * w ** (-p - 1))
+    step = -(_qp.pinv_symmetric(hess) @ grad)
+    decrement = -(grad @ step)  # Newton decrement squared
+    trial = w[None, :] + steps[:, None] * step[None, :]
+    inside = jnp.all(trial > 0, axis=1)
+    values = jax.vmap(f)(jnp.where(inside[:, None], trial, 1))
+    good = inside & (values <= f(w) - 0.25 * steps * decrement)
+    t = jnp.where((decrement < 0.01) & inside[0], 1, jnp.max(jnp.where(good, steps, 0)))
+    return w + t * step
+
+  w0 = jnp.diag(a) ** (-1 / (1 + p))  # exact for orthogonal gradients
+  return lax.fori_loop(0, FAIR_NEWTON_STEPS, body, w0.astype(dtype))
+
+
+def _nash_mtl(gram: jax.Array, max_norm: Any, ridge: Any) -> jax.Array:
+  """Nash-MTL's weights for the vectors whose Gram matrix is ``gram`` (any scale)."""
+  k = gram.shape[0]
+  dtype = gram.dtype
+  g = _normalized(gram)
+  norms = jnp.sqrt(jnp.maximum(jnp.diag(g), 0))
+  live = norms > 0
+  inv = jnp.where(live, 1 / jnp.where(live, norms, 1), 0)
+  cosines = g * inv[:, None] * inv[None, :]
+  a = cosines + jnp.asarray(ridge, dtype) * jnp.eye(k, dtype=dtype)
+  unit = _alpha_fair(a, jnp.ones([], dtype))
+  unit = jnp.where(live, unit, 0)
+  length = jnp.sqrt(jnp.maximum(unit @ cosines @ unit, 0))  # |d|: ~sqrt(K)
+  if max_norm is not None:
+    cap = jnp.asarray(max_norm, dtype)
+    unit = unit * jnp.where(length > cap, cap / jnp.where(length > 0, length, 1), 1)
+  # Back to the given scale: w_i = unit_i / |g_i|.
+  top = jnp.max(jnp.diag(gram))
+  return unit * inv * jax.lax.rsqrt(jnp.where(top > 0, top, 1).astype(dtype))
+
+
+def nash_mtl_weights(
+  gram: jax.Array,
+  max_norm: jax.typing.ArrayLike | None = 1.0,
+  ridge: jax.typing.ArrayLike = 1e-6,
+) -> jax.Array:
+  r"""Nash-MTL: the bargaining solution :math:`G w = 1 / w`.
+
+  The weights :math:`w > 0` with :math:`w_i \langle g_i, d\rangle = 1` for every
+  :math:`i` (:math:`d = \sum_i w_i g_i`): the direction maximising
+  :math:`\sum_i \log \langle g_i, d\rangle` over the ball. The solution depends
+  only on the gradients' directions (scaling :math:`g_i` by :math:`c > 0` divides
+  :math:`w_i` by :math:`c` and leaves :math:`d` unchanged) and
+  :math:`\|d\| = \sqrt{K}`, so it is solved on the cosine matrix :math:`C`:
+  :math:`(C + \epsilon I) u = 1 / u`, :math:`w_i = u_i / \|g_i\|`, by damped Newton
+  steps on a strictly convex problem (a fixed budget, to float rounding on
+  well-posed problems). The ridge :math:`\epsilon` (``ridge``) makes every case
+  solvable: where 0 lies in the hull of the gradients' directions (two opposite
+  gradients) :math:`G w = 1/w` has no solution, and the ridge's solution cancels
+  the conflicting gradients (opposite gradients give :math:`d = 0`, and add
+  nothing next to other gradients); it moves :math:`d` by about
+  :math:`\epsilon` relative elsewhere. A zero gradient gets weight 0. Finally
+  :math:`w` is scaled so that :math:`\|d\| \le` ``max_norm`` (``None``: no cap),
+  as the authors' code clips the gradient's norm (default 1).
+  """
+  return _nash_mtl(gram, max_norm, ridge)
+
+
+def _fairgrad(gram: jax.Array, alpha: Any, ridge: Any, log2_scale: Any = 0) -> jax.Array:
+  """FairGrad's weights for the Gram matrix ``gram * 4**log2_scale``."""
+  k = gram.shape[0]
+  dtype = gram.dtype
+  alpha = jnp.asarray(alpha, dtype)
+  fair = alpha > 0
+  p = 1 / jnp.where(fair, alpha, 1)
+  top = jnp.max(jnp.diag(gram))
+  top = jnp.where(top > 0, top, 1)
+  a = gram / top + jnp.asarray(ridge, dtype) * jnp.eye(k, dtype=dtype)
+  unit = _alpha_fair(a, p)
+  # (c A) w = w^-p  <=>  w = c^(-1 / (1 + p)) u  for  A u = u^-p.
+  scale = jnp.exp2(-(jnp.log2(top) + 2 * jnp.asarray(log2_scale, dtype)) / (1 + p))
+  return jnp.where(fair, unit * scale, jnp.full([k], 1 / k, dtype))
+
+
+def fairgrad_weights(
+  gram: jax.Array, alpha: jax.typing.ArrayLike, ridge: jax.typing.ArrayLike = 1e-6
+) -> jax.Array:
+  r"""FairGrad: :math:`\alpha`-fair weights, :math:`G w = w^{-1/\alpha}`.
+
+  The weights :math:`w > 0` with :math:`\langle g_i, d\rangle = w_i^{-1/\alpha}`:
+  the direction maximising :math:`\sum_i \langle g_i, d\rangle^{1-\alpha} / (1 - \alpha)`.
+  :math:`\alpha = 1` is Nash-MTL's proportional fairness (without its normalisation),
+  larger :math:`\alpha` favours the worst-off objective more (toward max-min
+  fairness); :math:`\alpha = 0` gives the mean, as TorchJD. Solved on
+  :math:`G / \max_i G_{ii} + \epsilon I` by damped Newton steps on a strictly convex
+  problem (as :func:`nash_mtl_weights`; ``ridge`` is :math:`\epsilon`, which makes the
+  opposite and zero cases solvable and cancels opposite gradients), then rescaled:
+  :math:`w` is homogeneous of degree :math:`-\alpha / (1 + \alpha)` in :math:`G`.
+  """
+  return _fairgrad(gram, alpha, ridge)
+
+
+def gradvac_weights(
+  gram: jax.Array,
+  targets: jax.Array,
+  orders: jax.Array,
+  target_decay: jax.typing.ArrayLike = 0.5,
+) -> tuple[jax.Array, jax.Array]:
+  r"""GradVac with the given cosine targets and visiting orders.
+
+  For each :math:`i`, :math:`v_i` starts at :math:`g_i` and visits the other
+  objectives :math:`j` in the order ``orders[i]`` (skipping ``i``). With
+  :math:`\phi = \cos(v_i, g_j)` and the target :math:`\hat\phi = ` ``targets[i, j]``,
+  if :math:`\phi < \hat\phi` it adds
+
+  .. math::
+
+    \frac{\|v_i\| \big(\hat\phi \sqrt{1 - \phi^2} - \phi \sqrt{1 - \hat\phi^2}\big)}
+      {\|g_j\| \sqrt{1 - \hat\phi^2}} \, g_j,
+
+  which raises the cosine to :math:`\hat\phi`; then the target moves:
+  :math:`\hat\phi \leftarrow` ``target_decay`` :math:`\hat\phi + (1 -` ``target_decay``
+  :math:`) \phi`. :math:`d = \sum_i v_i` (a sum, as PCGrad). Cosines with a zero vector
+  count as 0 and a division by zero as no correction (no :math:`\epsilon`).
+  Scale: invariant.
+
+  Args:
+    gram: ``[K, K]``.
+    targets: ``[K, K]`` cosine targets :math:`\hat\phi` (the diagonal is unused).
+    orders: ``[K, K]`` int, row :math:`i` a permutation of ``0 .. K-1``.
+    target_decay: the weight on the old target.
+
+  Returns:
+    ``(weights, new_targets)``.
+  """
+  g = _normalized(gram)
+  k = g.shape[0]
+  decay = jnp.asarray(target_decay, g.dtype)
+  norms = jnp.sqrt(jnp.maximum(jnp.diag(g), 0))
+
+  def one(i, order, row):
+    a = (jnp.arange(k) == i).astype(g.dtype)
+    for p in range(k):
+      j = order[p]
+      onehot = jnp.arange(k) == j
+      other = j != i
+      inner = g[j] @ a
+      norm_v = jnp.sqrt(jnp.maximum(a @ g @ a, 0))
+      phi = tm.ratio(inner, norm_v * norms[j])
+      target = jnp.sum(jnp.where(onehot, row, 0))
+      root_phi = jnp.sqrt(jnp.maximum(1 - phi * phi, 0))
+      root_target = jnp.sqrt(jnp.maximum(1 - target * target, 0))
+      den = norms[j] * root_target
+      coef = norm_v * (target * root_phi - phi * root_target)
+      add = other & (phi < target) & (den > 0)
+      step = jnp.where(add, coef / jnp.where(den > 0, den, 1), 0)
+      a = a + jnp.where(onehot, step, 0)  # one-hot, not a scatter
+      row = jnp.where(onehot & other, decay * target + (1 - decay) * phi, row)
+    return a, row
+
+  rows, new_targets = jax.vmap(one)(jnp.arange(k), orders, targets.astype(g.dtype))
+  return jnp.sum(rows, axis=0), new_targets
+
+
 # ------------------------------------------------------------- transforms
 
 
@@ -324,7 +517,9 @@ class AggregatorState(NamedTuple):
     objective_weights: float32 ``[K]``, the last step's weights :math:`w`
       (:math:`d = \sum_i w_i g_i`).
     rng_key: the PRNG key of a random aggregator (:func:`pcgrad`,
-      :func:`random`), else ``None``.
+      :func:`gradvac`, :func:`random`), else ``None``.
+    rule_state: the rule's own state across steps: :func:`gradvac`'s ``[K, K]``
+      cosine targets; ``None`` for the other rules.
   """
 
   steps: jax.Array
@@ -333,6 +528,7 @@ class AggregatorState(NamedTuple):
   gram_cosines: jax.Array
   objective_weights: jax.Array
   rng_key: jax.Array | None
+  rule_state: PyTree = None
 
 
 def _check_count(num_objectives: Any, api: str) -> int:
@@ -362,18 +558,22 @@ def _check_ema(ema_decay: Any, api: str) -> None:
 DENSE_GRAM_FROM = 9
 
 
-def _gram(trees, k: int, skip_slow: jax.Array | bool = False) -> tuple[jax.Array, jax.Array]:
-  """The Gram matrix of ``trees`` and whether they were finite, scaled by the
-  common factor ``4**-max(e)`` (exact, and harmless: every rule is scale
-  invariant)."""
+def _gram(
+  trees, k: int, skip_slow: jax.Array | bool = False
+) -> tuple[jax.Array, jax.Array, jax.Array]:
+  """The Gram matrix of ``trees`` scaled by the common factor ``4**-m``
+  (exact), whether they were finite, and ``m``: the true Gram matrix is the
+  first times ``4**m``, which the rules whose weights depend on the scale
+  (Nash-MTL, FairGrad) are told."""
   if k >= DENSE_GRAM_FROM:
     dots = tm.gram(trees, skip_slow)
     gram = dots.values
   else:
     dots = tm.safe_dots(trees, _upper(k), skip_slow)
     gram = tm.matrix_from_pairs(dots.values, _upper(k), (k, k), symmetric=True)
-  shift = dots.exps[:, None] + dots.exps[None, :] - 2 * jnp.max(dots.exps)
-  return jnp.ldexp(gram, shift), dots.finite
+  top = jnp.max(dots.exps)
+  shift = dots.exps[:, None] + dots.exps[None, :] - 2 * top
+  return jnp.ldexp(gram, shift), dots.finite, top
 
 
 def _upper(k: int) -> list[tuple[int, int]]:
@@ -383,11 +583,16 @@ def _upper(k: int) -> list[tuple[int, int]]:
 def _aggregator(
   api: str,
   num_objectives: int,
-  rule: Callable[[jax.Array, jax.Array | None], jax.Array],
+  rule: Callable[..., tuple[jax.Array, PyTree]],
   ema_decay: jax.typing.ArrayLike | None,
   accumulator_dtype: Any,
   key: jax.Array | int | None = None,
+  rule_state: PyTree = None,
 ) -> optax.GradientTransformationExtraArgs:
+  # ``rule(gram, log2_scale, key, rule_state) -> (weights, rule_state)``: ``gram``
+  # is the Gram matrix divided by ``4**log2_scale``; ``key`` a fresh subkey for
+  # a random rule (else None); ``rule_state`` the rule's own state (GradVac's
+  # cosine targets), None for a rule without one.
   k = _check_count(num_objectives, api)
   _check_ema(ema_decay, api)
   acc = None if accumulator_dtype is None else jnp.dtype(accumulator_dtype)
@@ -412,13 +617,14 @@ def _aggregator(
       gram_cosines=jnp.eye(k, dtype=jnp.float32),
       objective_weights=jnp.full([k], 1 / k, jnp.float32),
       rng_key=jnp.asarray(key) if random else None,
+      rule_state=rule_state,
     )
 
   def update_fn(updates, state: AggregatorState, params=None, **extra):
     del params, extra
     grads = _pair.split_objectives_checked(updates, k, api)
     if state.grad_emas is None:
-      gram, finite = _gram(grads, k)
+      gram, finite, log2_scale = _gram(grads, k)
       emas = None
     else:
       _pair.check_same_layout(
@@ -439,10 +645,14 @@ def _aggregator(
       emas = tuple(
         tm.ema_update(e, g, beta, finite) for e, g in zip(state.grad_emas, grads, strict=True)
       )
-      gram, _ = _gram(emas, k, skip_slow=~finite)
+      gram, _, log2_scale = _gram(emas, k, skip_slow=~finite)
     rng_key, sub = jax.random.split(state.rng_key) if random else (None, None)
-    weights = rule(gram, sub)
+    weights, rule_state = rule(gram, log2_scale, sub, state.rule_state)
     weights = jnp.where(finite, weights, jnp.nan)
+    if rule_state is not None:  # a skipped step leaves the rule's state as it was
+      rule_state = jax.tree.map(
+        lambda new, old: jnp.where(finite, new, old), rule_state, state.rule_state
+      )
     direction = tm.linear_combination(list(weights), grads)
     new_state = AggregatorState(
       steps=optax.safe_increment(state.steps),
@@ -453,6 +663,7 @@ def _aggregator(
       gram_cosines=tm.cosine(gram, jnp.diag(gram)[:, None], jnp.diag(gram)[None, :]),
       objective_weights=weights.astype(jnp.float32),
       rng_key=rng_key,
+      rule_state=rule_state,
     )
     return direction, new_state
 
@@ -460,7 +671,13 @@ def _aggregator(
 
 
 def _no_key(rule):
-  return lambda gram, key: rule(gram)
+  """An internal rule from a weight rule of the Gram matrix alone."""
+  return lambda gram, log2_scale, key, rule_state: (rule(gram), rule_state)
+
+
+def _keyed(rule):
+  """An internal rule from a weight rule of the Gram matrix and a key."""
+  return lambda gram, log2_scale, key, rule_state: (rule(gram, key), rule_state)
 
 
 def mean(num_objectives: int) -> optax.GradientTransformationExtraArgs:
@@ -595,10 +812,9 @@ def pcgrad(
   _check_key(key, api)
 
   def rule(gram, step_key):
-    orders = jax.vmap(lambda kk: jax.random.permutation(kk, k))(jax.random.split(step_key, k))
-    return pcgrad_weights(gram, orders)
+    return pcgrad_weights(gram, _orders(step_key, k))
 
-  return _aggregator(api, k, rule, ema_decay, accumulator_dtype, key=key)
+  return _aggregator(api, k, _keyed(rule), ema_decay, accumulator_dtype, key=key)
 
 
 def cagrad(
@@ -642,7 +858,7 @@ def cagrad(
   api = "aggregators.cagrad"
   if isinstance(c, numbers.Real) and not (math.isfinite(c) and c >= 0):
     raise ValueError(f"{api}: expected c to be a finite number >= 0; got {c!r}.")
-  rule = lambda gram, key: cagrad_weights(gram, c)  # noqa: E731
+  rule = _no_key(lambda gram: cagrad_weights(gram, c))
   return _aggregator(api, num_objectives, rule, ema_decay, accumulator_dtype)
 
 
@@ -918,7 +1134,7 @@ def random(num_objectives: int, key: jax.Array | int = 0) -> optax.GradientTrans
   """
   api = "aggregators.random"
   _check_key(key, api)
-  return _aggregator(api, num_objectives, random_weights, None, None, key=key)
+  return _aggregator(api, num_objectives, _keyed(random_weights), None, None, key=key)
 
 
 def constant(weights: jax.typing.ArrayLike) -> optax.GradientTransformationExtraArgs:
@@ -950,3 +1166,184 @@ def constant(weights: jax.typing.ArrayLike) -> optax.GradientTransformationExtra
     raise ValueError(f"{api}: expected finite weights; got {weights!r}.")
   rule = _no_key(lambda gram: constant_weights(gram, values))
   return _aggregator(api, int(values.size), rule, None, None)
+
+
+def _check_positive_or_none(value: Any, name: str, api: str) -> None:
+  if value is not None and not (jnp.ndim(value) == 0 and float(value) > 0):
+    raise ValueError(f"{api}: expected {name} to be a number > 0 or None; got {value!r}.")
+
+
+def _check_nonneg(value: Any, name: str, api: str) -> None:
+  if not (jnp.ndim(value) == 0 and float(value) >= 0):
+    raise ValueError(f"{api}: expected {name} to be a number >= 0; got {value!r}.")
+
+
+def nash_mtl(
+  num_objectives: int,
+  max_norm: jax.typing.ArrayLike | None = 1.0,
+  *,
+  ridge: jax.typing.ArrayLike = 1e-6,
+  ema_decay: jax.typing.ArrayLike | None = None,
+  accumulator_dtype: Any | None = None,
+) -> optax.GradientTransformationExtraArgs:
+  r"""Nash-MTL: the gradients combined as a bargaining game.
+
+  The weights solve :math:`G w = 1 / w`: every objective's gain
+  :math:`\langle g_i, d\rangle` is inversely proportional to its weight, the
+  Nash bargaining solution (see :func:`nash_mtl_weights`). The direction depends
+  only on the gradients' directions and has norm :math:`\sqrt{K}`, capped at
+  ``max_norm`` (the authors' clipping, default 1). The authors and TorchJD
+  approximate the solution with at most 20 convex sub-problems warm-started
+  from the previous step; here it is solved to float rounding every step
+  (damped Newton, a fixed budget, inside ``jit``), so there is no state
+  between steps but the optional EMAs.
+
+  Args:
+    num_objectives: the number :math:`K` of objectives.
+    max_norm: cap on :math:`\|d\|` (``None``: none, :math:`\|d\| = \sqrt{K}`).
+    ridge: :math:`\epsilon` added to the cosine matrix's diagonal, which makes
+      opposite gradients cancel instead of having no solution.
+    ema_decay: ``None`` (default) or :math:`\beta`: decide the weights from the EMAs'
+      Gram matrix, as in :func:`mgda`; they are applied to the current
+      gradients, so :math:`\|d\|` is then not exactly :math:`\sqrt{K}` (the cap holds
+      for the EMAs' combination).
+    accumulator_dtype: dtype of the EMAs.
+
+  Returns:
+    An ``optax.GradientTransformationExtraArgs``; see :func:`mgda`.
+
+  Examples:
+    >>> import jax.numpy as jnp
+    >>> from bloop_optax import aggregators
+    >>> tx = aggregators.nash_mtl(2, max_norm=None)
+    >>> g1, g2 = jnp.array([3.0, 0.0]), jnp.array([0.0, 0.5])
+    >>> d, _ = tx.update((g1, g2), tx.init(g1))
+    >>> d.round(5)  # the two unit gradients: <g_i, d> w_i = 1
+    Array([1., 1.], dtype=float32)
+
+  References:
+    Navon, Shamsian, Achituve, Maron, Kawaguchi, Chechik, Fetaya, "Multi-Task
+    Learning as a Bargaining Game", ICML 2022 (arXiv:2202.01017).
+  """
+  api = "aggregators.nash_mtl"
+  _check_positive_or_none(max_norm, "max_norm", api)
+  _check_nonneg(ridge, "ridge", api)
+  k = _check_count(num_objectives, api)
+
+  def rule(gram, log2_scale, key, rule_state):
+    w = _nash_mtl(gram, max_norm, ridge)
+    return jnp.ldexp(w, -log2_scale.astype(jnp.int32)), rule_state
+
+  return _aggregator(api, k, rule, ema_decay, accumulator_dtype)
+
+
+def fairgrad(
+  num_objectives: int,
+  alpha: jax.typing.ArrayLike,
+  *,
+  ridge: jax.typing.ArrayLike = 1e-6,
+  ema_decay: jax.typing.ArrayLike | None = None,
+  accumulator_dtype: Any | None = None,
+) -> optax.GradientTransformationExtraArgs:
+  r"""FairGrad: :math:`\alpha`-fair weights, :math:`G w = w^{-1/\alpha}`.
+
+  Each objective's gain :math:`\langle g_i, d\rangle` is :math:`w_i^{-1/\alpha}`: the
+  direction maximises the :math:`\alpha`-fair utility of the gains (see
+  :func:`fairgrad_weights`). :math:`\alpha = 1` is proportional fairness
+  (Nash-MTL's solution without its normalisation), larger :math:`\alpha` moves
+  toward max-min fairness, :math:`\alpha = 0` is the mean. The authors and
+  TorchJD solve the same equation with SciPy's ``least_squares`` on the host;
+  here damped Newton inside ``jit``, to float rounding.
+
+  Args:
+    num_objectives: the number :math:`K` of objectives.
+    alpha: :math:`\alpha \ge 0` (the authors use 0.5 to 10; 2 on most of their tasks).
+    ridge: :math:`\epsilon` added to the diagonal of :math:`G / \max_i G_{ii}`, which
+      makes opposite gradients cancel instead of having no solution.
+    ema_decay: ``None`` (default) or :math:`\beta`: decide the weights from the EMAs'
+      Gram matrix, as in :func:`mgda`.
+    accumulator_dtype: dtype of the EMAs.
+
+  Returns:
+    An ``optax.GradientTransformationExtraArgs``; see :func:`mgda`.
+
+  Examples:
+    >>> import jax.numpy as jnp
+    >>> from bloop_optax import aggregators
+    >>> tx = aggregators.fairgrad(2, alpha=1.0)
+    >>> g1, g2 = jnp.array([2.0, 0.0]), jnp.array([0.0, 1.0])
+    >>> d, state = tx.update((g1, g2), tx.init(g1))
+    >>> state.objective_weights.round(5)  # w_i |g_i|^2 = 1 / w_i
+    Array([0.5, 1. ], dtype=float32)
+
+  References:
+    Ban, Ji, "Fair Resource Allocation in Multi-Task Learning", ICML 2024
+    (arXiv:2402.15638).
+  """
+  api = "aggregators.fairgrad"
+  _check_nonneg(alpha, "alpha", api)
+  _check_nonneg(ridge, "ridge", api)
+
+  def rule(gram, log2_scale, key, rule_state):
+    return _fairgrad(gram, alpha, ridge, log2_scale), rule_state
+
+  return _aggregator(api, num_objectives, rule, ema_decay, accumulator_dtype)
+
+
+def gradvac(
+  num_objectives: int,
+  target_decay: jax.typing.ArrayLike = 0.5,
+  key: jax.Array | int = 0,
+  *,
+  ema_decay: jax.typing.ArrayLike | None = None,
+  accumulator_dtype: Any | None = None,
+) -> optax.GradientTransformationExtraArgs:
+  r"""GradVac: raise each pair's cosine to a target kept across steps.
+
+  For each :math:`i`, :math:`v_i` starts at :math:`g_i` and, for the other objectives
+  in a random order, gains a multiple of :math:`g_j` whenever
+  :math:`\cos(v_i, g_j)` is below its target :math:`\hat\phi_{ij}`, which lifts it to
+  the target; the targets are EMAs of the observed cosines, kept in the state
+  (``rule_state``, starting at 0); :math:`d = \sum_i v_i` (see
+  :func:`gradvac_weights`). With targets 0 this is PCGrad's projection. This is
+  the variant TorchJD and LibMTL implement, on whole gradients (not per layer).
+
+  Args:
+    num_objectives: the number :math:`K` of objectives.
+    target_decay: the weight on the old target (the paper's :math:`\beta` is
+      ``1 - target_decay``; 0.5 as TorchJD's default).
+    key: a PRNG key, or an int seed, for the visiting orders.
+    ema_decay: ``None`` (default) or :math:`\beta`: decide from the EMAs' Gram matrix,
+      as in :func:`mgda`.
+    accumulator_dtype: dtype of the EMAs.
+
+  Returns:
+    An ``optax.GradientTransformationExtraArgs``; see :func:`mgda`.
+
+  Examples:
+    >>> import jax.numpy as jnp
+    >>> from bloop_optax import aggregators
+    >>> tx = aggregators.gradvac(2)
+    >>> g1, g2 = jnp.array([1.0, 0.0]), jnp.array([-1.0, 1.0])
+    >>> d, state = tx.update((g1, g2), tx.init(g1))
+    >>> d  # targets 0 at the first step: PCGrad's (g1 off g2) + (g2 off g1)
+    Array([0.5, 1.5], dtype=float32)
+    >>> state.rule_state  # the targets moved halfway to the cosine -0.707
+    Array([[ 0.        , -0.35355338],
+           [-0.35355338,  0.        ]], dtype=float32)
+
+  References:
+    Wang, Tsvetkov, Firat, Cao, "Gradient Vaccine: Investigating and Improving
+    Multi-task Optimization in Massively Multilingual Models", ICLR 2021.
+  """
+  api = "aggregators.gradvac"
+  k = _check_count(num_objectives, api)
+  _check_key(key, api)
+  if not (jnp.ndim(target_decay) == 0 and 0 <= float(target_decay) <= 1):
+    raise ValueError(f"{api}: expected target_decay in [0, 1]; got {target_decay!r}.")
+
+  def rule(gram, log2_scale, step_key, targets):
+    return gradvac_weights(gram, targets, _orders(step_key, k), target_decay)
+
+  targets = jnp.zeros([k, k], jnp.float32)
+  return _aggregator(api, k, rule, ema_decay, accumulator_dtype, key=key, rule_state=targets)

@@ -37,6 +37,10 @@ from bloop_optax._aggregators import constant
 from bloop_optax._aggregators import constant_weights
 from bloop_optax._aggregators import dualproj
 from bloop_optax._aggregators import dualproj_weights
+from bloop_optax._aggregators import fairgrad
+from bloop_optax._aggregators import fairgrad_weights
+from bloop_optax._aggregators import gradvac
+from bloop_optax._aggregators import gradvac_weights
 from bloop_optax._aggregators import imtl_g
 from bloop_optax._aggregators import imtl_g_weights
 from bloop_optax._aggregators import krum
@@ -45,6 +49,8 @@ from bloop_optax._aggregators import mean
 from bloop_optax._aggregators import mean_weights
 from bloop_optax._aggregators import mgda
 from bloop_optax._aggregators import mgda_weights
+from bloop_optax._aggregators import nash_mtl
+from bloop_optax._aggregators import nash_mtl_weights
 from bloop_optax._aggregators import pcgrad
 from bloop_optax._aggregators import pcgrad_weights
 from bloop_optax._aggregators import random
@@ -64,6 +70,10 @@ __all__ = (
   "constant_weights",
   "dualproj",
   "dualproj_weights",
+  "fairgrad",
+  "fairgrad_weights",
+  "gradvac",
+  "gradvac_weights",
   "imtl_g",
   "imtl_g_weights",
   "krum",
@@ -72,6 +82,8 @@ __all__ = (
   "mean_weights",
   "mgda",
   "mgda_weights",
+  "nash_mtl",
+  "nash_mtl_weights",
   "pcgrad",
   "pcgrad_weights",
   "random",
