@@ -1347,3 +1347,98 @@ def gradvac(
 
   targets = jnp.zeros([k, k], jnp.float32)
   return _aggregator(api, k, rule, ema_decay, accumulator_dtype, key=key, rule_state=targets)
+
+
+class SmoothedWeightsState(NamedTuple):
+  r"""State of :func:`cr_mogm`.
+
+  Attributes:
+    inner: the state of the wrapped aggregator (its ``objective_weights`` are
+      the weights it chose at the last step).
+    objective_weights: float32 ``[K]``, the smoothed weights :math:`\lambda`
+      applied at the last step (:math:`d = \sum_i \lambda_i g_i`).
+  """
+
+  inner: AggregatorState
+  objective_weights: jax.Array
+
+
+def cr_mogm(
+  inner: optax.GradientTransformation, decay: jax.typing.ArrayLike = 0.9
+) -> optax.GradientTransformationExtraArgs:
+  r"""CR-MOGM: an EMA of the weights of any aggregator of this module.
+
+  At each step the wrapped aggregator chooses its weights :math:`\hat\lambda_t`
+  from the current gradients (or its EMAs); this applies
+
+  .. math:: \lambda_t = \gamma \lambda_{t-1} + (1 - \gamma) \hat\lambda_t,
+    \qquad d = \sum_i \lambda_{t,i} g_i,
+
+  with :math:`\gamma` = ``decay`` and :math:`\lambda_1 = \hat\lambda_1`. Smoothing the
+  weights rather than the gradients (as ``ema_decay`` does) is what the paper
+  proves convergent for stochastic MGDA-type methods; the paper's schedule
+  raises :math:`\gamma` toward 1 as the learning rate decays, which
+  ``optax.inject_hyperparams`` can drive. The wrapped aggregator's own direction
+  is not used (``jit`` removes it). A step whose gradients are not finite leaves
+  :math:`\lambda` unchanged and returns NaN, as every aggregator here.
+
+  Args:
+    inner: an aggregator of :mod:`bloop_optax.aggregators` (its state an
+      :class:`AggregatorState`).
+    decay: :math:`\gamma \in [0, 1]`, the weight on the old weights (0: the
+      wrapped aggregator itself).
+
+  Returns:
+    An ``optax.GradientTransformationExtraArgs`` on the same tuple of gradients;
+    its state is a :class:`SmoothedWeightsState`.
+
+  Examples:
+    >>> import jax.numpy as jnp
+    >>> from bloop_optax import aggregators
+    >>> tx = aggregators.cr_mogm(aggregators.mgda(2), decay=0.5)
+    >>> state = tx.init(jnp.zeros(2))
+    >>> e1, e2 = jnp.array([1.0, 0.0]), jnp.array([0.0, 1.0])
+    >>> _, state = tx.update((e1, 3 * e2), state)  # MGDA: 0.9, 0.1
+    >>> d, state = tx.update((e1, e2), state)  # MGDA: 0.5, 0.5
+    >>> state.objective_weights.round(6)  # (0.9, 0.1) / 2 + (0.5, 0.5) / 2
+    Array([0.7, 0.3], dtype=float32)
+
+  References:
+    Zhou, Zhang, Jiang, Zhang, Fan, "On the Convergence of Stochastic
+    Multi-Objective Gradient Manipulation and Beyond", NeurIPS 2022.
+  """
+  api = "aggregators.cr_mogm"
+  if not isinstance(inner, optax.GradientTransformation):
+    raise TypeError(
+      f"{api}: expected inner to be an aggregator of bloop_optax.aggregators (an optax"
+      f" GradientTransformation); got {type(inner).__name__}."
+    )
+  if not (jnp.ndim(decay) == 0 and 0 <= float(decay) <= 1):
+    raise ValueError(f"{api}: expected decay in [0, 1]; got {decay!r}.")
+  inner = optax.with_extra_args_support(inner)
+
+  def init_fn(params):
+    inner_state = inner.init(params)
+    if not isinstance(inner_state, AggregatorState):
+      raise TypeError(
+        f"{api}: expected inner to be an aggregator of bloop_optax.aggregators, whose state"
+        f" is an AggregatorState holding the weights it chose; got a transform whose state is"
+        f" {type(inner_state).__name__}. Wrap mgda(K), upgrad(K), ... instead."
+      )
+    return SmoothedWeightsState(inner_state, inner_state.objective_weights)
+
+  def update_fn(updates, state, params=None, **extra):
+    k = state.objective_weights.shape[0]
+    _, inner_state = inner.update(updates, state.inner, params, **extra)
+    chosen = inner_state.objective_weights
+    finite = jnp.all(jnp.isfinite(chosen))
+    first = state.inner.steps == state.inner.skipped_steps  # no weights chosen before
+    gamma = jnp.asarray(decay, jnp.float32)
+    smoothed = jnp.where(first, chosen, gamma * state.objective_weights + (1 - gamma) * chosen)
+    kept = jnp.where(finite, smoothed, state.objective_weights)
+    grads = _pair.split_objectives_checked(updates, k, api)
+    applied = jnp.where(finite, kept, jnp.nan)
+    direction = tm.linear_combination(list(applied), grads)
+    return direction, SmoothedWeightsState(inner_state, kept)
+
+  return optax.GradientTransformationExtraArgs(init_fn, update_fn)

@@ -27,6 +27,7 @@ References:
 """
 
 from bloop_optax._aggregators import AggregatorState
+from bloop_optax._aggregators import SmoothedWeightsState
 from bloop_optax._aggregators import aligned_mtl
 from bloop_optax._aggregators import aligned_mtl_weights
 from bloop_optax._aggregators import cagrad
@@ -35,6 +36,7 @@ from bloop_optax._aggregators import config
 from bloop_optax._aggregators import config_weights
 from bloop_optax._aggregators import constant
 from bloop_optax._aggregators import constant_weights
+from bloop_optax._aggregators import cr_mogm
 from bloop_optax._aggregators import dualproj
 from bloop_optax._aggregators import dualproj_weights
 from bloop_optax._aggregators import fairgrad
@@ -60,6 +62,7 @@ from bloop_optax._aggregators import upgrad_weights
 
 __all__ = (
   "AggregatorState",
+  "SmoothedWeightsState",
   "aligned_mtl",
   "aligned_mtl_weights",
   "cagrad",
@@ -68,6 +71,7 @@ __all__ = (
   "config_weights",
   "constant",
   "constant_weights",
+  "cr_mogm",
   "dualproj",
   "dualproj_weights",
   "fairgrad",
