@@ -6,12 +6,18 @@ the constrained problems are solved by enumerating every face (every subset of
 active constraints), solving the equality-constrained problem on it in the
 parameter space with least squares, and keeping the best feasible candidate.
 Exponential in K, exact, and independent of the package's active-set method.
+Nash-MTL's and FairGrad's equations have no closed form: they are solved with
+SciPy's ``least_squares`` (a trust-region method, not the package's Newton
+steps) on the logarithms of the weights, started from BFGS on the equivalent
+convex problem, to 1e-8 in the equation (rounding, where a ridge-sized
+direction makes the weights large).
 """
 
 import functools
 import itertools
 
 import numpy as np
+from scipy import optimize
 
 TOL = 1e-9
 
@@ -202,3 +208,74 @@ def krum(jac, n_byzantine, n_selected):
   scores = [np.sort(np.delete(dist[i], i))[: k - n_byzantine - 2].sum() for i in range(k)]
   chosen = np.argsort(scores, kind="stable")[:n_selected]
   return jac[chosen].mean(axis=0)
+
+
+def _solve_fair(matrix, p):
+  """The ``w > 0`` with ``matrix @ w = w**-p``: the minimiser of the convex
+  ``w A w / 2 - sum(phi(w))`` (``phi' = w**-p``), found by BFGS on ``u = log w``
+  (where every local minimum is that one), then polished by ``least_squares``
+  on the equation."""
+  phi = np.log if p == 1 else lambda w: w ** (1 - p) / (1 - p)
+
+  def energy(u):
+    w = np.exp(u)
+    return 0.5 * w @ matrix @ w - np.sum(phi(w)), w * (matrix @ w - w**-p)
+
+  start = -np.log(np.diag(matrix)) / (1 + p)
+  rough = optimize.minimize(energy, start, jac=True, method="BFGS", options={"gtol": 1e-12})
+
+  def residual(u):
+    w = np.exp(u)
+    return (matrix @ w) * w**p - 1
+
+  fit = optimize.least_squares(residual, rough.x, xtol=1e-15, ftol=1e-15, gtol=1e-15)
+  assert np.abs(fit.fun).max() < 1e-8, np.abs(fit.fun).max()
+  return np.exp(fit.x)
+
+
+def nash_mtl(jac, ridge=1e-6, max_norm=None):
+  """Nash-MTL (Navon et al. 2022): ``G w = 1 / w``, with the package's ridge on
+  the cosines, which on ``G`` is ``(G + ridge diag(G)) w = 1 / w``; a zero
+  gradient has weight 0; then ``|d| <= max_norm``."""
+  norms2 = np.sum(jac**2, axis=1)
+  live = norms2 > 0
+  w = np.zeros(len(jac))
+  if live.any():
+    sub = jac[live]
+    w[live] = _solve_fair(sub @ sub.T + ridge * np.diag(norms2[live]), 1.0)
+  d = w @ jac
+  if max_norm is not None and np.linalg.norm(d) > max_norm:
+    d = d * max_norm / np.linalg.norm(d)
+  return d
+
+
+def fairgrad(jac, alpha, ridge=1e-6):
+  """FairGrad (Ban and Ji 2024): ``G w = w**(-1 / alpha)``, with the package's
+  ridge relative to the largest squared norm: ``(G + ridge max_i G_ii I)``."""
+  gram = jac @ jac.T
+  if alpha == 0:
+    return jac.mean(axis=0)
+  top = np.max(np.diag(gram)) if np.max(np.diag(gram)) > 0 else 1.0
+  return _solve_fair(gram + ridge * top * np.eye(len(jac)), 1 / alpha) @ jac
+
+
+def gradvac(jac, targets, orders, target_decay):
+  """GradVac (Wang et al. 2021), the loop on vectors: returns ``(d, targets)``."""
+  k = len(jac)
+  targets = np.array(targets, np.float64)
+  rows = []
+  for i in range(k):
+    v = jac[i].copy()
+    for j in orders[i]:
+      if j == i:
+        continue
+      norm_v, norm_j = np.linalg.norm(v), np.linalg.norm(jac[j])
+      phi = v @ jac[j] / (norm_v * norm_j) if norm_v * norm_j > 0 else 0.0
+      target = targets[i, j]
+      root_target = np.sqrt(max(1 - target**2, 0))
+      if phi < target and norm_j * root_target > 0:
+        coef = norm_v * (target * np.sqrt(max(1 - phi**2, 0)) - phi * root_target)
+        v = v + coef / (norm_j * root_target) * jac[j]
+      targets[i, j] = target_decay * target + (1 - target_decay) * phi
+    rows.append(v)
+  return np.sum(rows, axis=0), targets

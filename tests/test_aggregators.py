@@ -8,6 +8,7 @@ import optax
 import pytest
 
 import bloop_optax
+from bloop_optax import _aggregators as agg_impl
 from bloop_optax import _qp
 from bloop_optax import aggregators as agg
 from tests import reference_mtl as ref
@@ -33,6 +34,8 @@ RULES = {
   "cagrad": (lambda g: agg.cagrad_weights(g, 0.5), lambda j: ref.cagrad(j, 0.5)),
   "dualproj": (agg.dualproj_weights, ref.dualproj),
   "config": (agg.config_weights, ref.config),
+  "nash_mtl": (lambda g: agg.nash_mtl_weights(g, None), ref.nash_mtl),
+  "fairgrad": (lambda g: agg.fairgrad_weights(g, 2.0), lambda j: ref.fairgrad(j, 2.0)),
 }
 FACTORIES = {
   "mgda": agg.mgda,
@@ -43,6 +46,8 @@ FACTORIES = {
   "upgrad": agg.upgrad,
   "dualproj": agg.dualproj,
   "config": agg.config,
+  "nash_mtl": lambda k, **kw: agg.nash_mtl(k, None, **kw),
+  "fairgrad": lambda k, **kw: agg.fairgrad(k, 2.0, **kw),
 }
 
 
@@ -302,7 +307,18 @@ def test_zero_decay_equals_no_ema(name):
 
 
 @pytest.mark.parametrize(
-  "name", ["mgda", "upgrad", "cagrad", "aligned_mtl", "imtl_g", "dualproj", "config"]
+  "name",
+  [
+    "mgda",
+    "upgrad",
+    "cagrad",
+    "aligned_mtl",
+    "imtl_g",
+    "dualproj",
+    "config",
+    "nash_mtl",
+    "fairgrad",
+  ],
 )
 def test_ema_weights_come_from_the_emas_and_apply_to_the_batch(name):
   """The reference keeps float64 EMAs, decides the weights on them (weights =
@@ -350,9 +366,11 @@ def test_nonfinite_step_is_skipped_and_passed_through():
 
 
 @pytest.mark.parametrize("name", list(FACTORIES))
-@pytest.mark.parametrize("norm", [1e30])
-def test_huge_gradients_give_the_exact_direction(name, norm):
-  """Float32 sums of squares overflow; the direction must still be the formula's."""
+def test_huge_gradients_give_the_exact_direction(name):
+  """Float32 sums of squares overflow; the direction must still be the formula's.
+  FairGrad's weights scale as |g|^(-4/3) at alpha = 2, below float32's range at
+  1e30 (its direction is not): it is checked at 1e19, where squares overflow."""
+  norm = 1e19 if name == "fairgrad" else 1e30
   rng = np.random.default_rng(10)
   grads = tuple(random_tree(rng, scale=float(norm) * s) for s in (1.0, 0.3, 2.0))
   jac = np.stack([flat(g) for g in grads])
@@ -642,3 +660,189 @@ def test_bad_arguments_of_the_new_rules_raise(make, match):
 def test_random_without_a_key_raises():
   with pytest.raises(TypeError, match="PRNG key"):
     agg.random(2, key=None)
+
+
+# ------------------------------------------------ Nash-MTL, FairGrad, GradVac, CR-MOGM
+
+
+def test_nash_mtl_and_fairgrad_solve_their_equations_without_the_ridge():
+  """With no ridge, on gradients whose hull avoids 0: w_i <g_i, d> = 1 (Nash)
+  and <g_i, d> = w_i^(-1/alpha) (FairGrad) to rounding; |d| = sqrt(K); FairGrad
+  with alpha = 1 is Nash-MTL's solution; Nash's d is unchanged when each
+  gradient is scaled by its own positive factor, FairGrad's scales as
+  c^((1 - alpha) / (2 (1 + alpha))) when all are scaled by c."""
+  rng = np.random.default_rng(12)
+  nash = jax.jit(lambda g, m: agg.nash_mtl_weights(g, m, ridge=0.0))
+  fair = jax.jit(lambda g, a: agg.fairgrad_weights(g, a, ridge=0.0))
+  with enable_x64():
+    for k, p in [(1, 3), (2, 6), (3, 5), (5, 12)]:
+      jac = rng.standard_normal((k, p)) * rng.uniform(0.1, 10, size=(k, 1))
+      jac += 2 * rng.standard_normal(p)  # a shared component: 0 is outside the hull
+      gram = jnp.asarray(jac @ jac.T)
+      w = np.asarray(nash(gram, None))
+      d = w @ jac
+      np.testing.assert_allclose(w * (jac @ d), 1, rtol=1e-12)
+      np.testing.assert_allclose(np.linalg.norm(d), np.sqrt(k), rtol=1e-12)
+      capped = np.asarray(nash(gram, 0.5)) @ jac
+      np.testing.assert_allclose(capped, d * min(1, 0.5 / np.sqrt(k)), rtol=1e-12)
+      c = rng.uniform(0.01, 100, size=(k, 1))
+      rescaled = np.asarray(nash(jnp.asarray((c * jac) @ (c * jac).T), None)) @ (c * jac)
+      np.testing.assert_allclose(rescaled, d, rtol=1e-10, atol=1e-12)
+      np.testing.assert_allclose(np.asarray(fair(gram, 1.0)), w, rtol=1e-10)
+      for alpha in (0.5, 2.0, 5.0):
+        v = np.asarray(fair(gram, alpha))
+        np.testing.assert_allclose((jac @ (v @ jac)) * v ** (1 / alpha), 1, rtol=1e-11)
+        big = np.asarray(fair(1e6 * gram, alpha)) @ (1e3 * jac)
+        want = v @ jac * 1e6 ** ((1 - alpha) / (2 * (1 + alpha)))
+        np.testing.assert_allclose(big, want, rtol=1e-10, atol=1e-12 * np.abs(want).max())
+    np.testing.assert_allclose(np.asarray(fair(gram, 0.0)), np.full(k, 1 / k))
+
+
+@pytest.mark.parametrize("name", ["nash_mtl", "fairgrad"])
+def test_nash_mtl_and_fairgrad_degenerate_cases(name):
+  """One gradient, identical, opposite, all zero, one zero, collinear: equal to
+  the reference (which has the same ridge), opposite and zero give 0, and a
+  zero gradient or an opposite pair adds nothing to the others' solution (up
+  to the ridge for FairGrad, whose ridge is relative to the longest gradient)."""
+  rule = JITTED[name]
+  reference = RULES[name][1]
+  with enable_x64():
+    for jac in [G[None], np.stack([G, G, G]), np.stack([G, 2 * G]), np.stack([G, -G, 0 * G])]:
+      d = np.asarray(rule(jnp.asarray(jac @ jac.T))) @ jac
+      np.testing.assert_allclose(d, reference(jac), rtol=1e-10, atol=1e-12)
+    other = np.array([1.0, 1.0, -1.0])  # orthogonal to G
+    for jac, want in [
+      (np.stack([G, -G]), 0 * G),
+      (np.zeros((3, 3)), 0 * G),
+      (np.stack([G, 0 * G]), reference(G[None])),
+      (np.stack([G, -G, other]), reference(other[None])),  # the pair cancels
+    ]:
+      d = np.asarray(rule(jnp.asarray(jac @ jac.T))) @ jac
+      tol = 1e-5 if name == "fairgrad" else 1e-9
+      np.testing.assert_allclose(d, want, atol=tol * np.abs(jac).max())
+
+
+def test_the_newton_budget_leaves_a_margin():
+  """Half the fixed number of Newton steps already reaches the answer, on
+  well-posed and ridge-degenerate problems, in float32 and float64."""
+  rng = np.random.default_rng(13)
+  jacs = random_jacobians(14) + [np.stack([G, -G, rng.standard_normal(3)])]
+
+  def run(steps, dtype, jac, alpha):
+    with pytest.MonkeyPatch.context() as mp:
+      mp.setattr(agg_impl, "FAIR_NEWTON_STEPS", steps)
+      gram = jnp.asarray(jac @ jac.T, dtype)
+      return np.asarray(agg.fairgrad_weights(gram, alpha), np.float64) @ jac
+
+  for dtype, tol in [(jnp.float32, 1e-5), (jnp.float64, 1e-10)]:
+    with enable_x64():
+      for jac in jacs:
+        for alpha in (0.5, 1.0, 5.0):
+          full = run(agg_impl.FAIR_NEWTON_STEPS, dtype, jac, alpha)
+          half = run(agg_impl.FAIR_NEWTON_STEPS // 2, dtype, jac, alpha)
+          scale = max(np.abs(full).max(), 1e-3 * np.abs(jac).max())
+          assert np.abs(half - full).max() <= tol * scale, (jac.shape, alpha, dtype)
+
+
+def test_gradvac_rule_equals_the_reference_over_steps():
+  """Random targets, orders and gradients for several steps: weights and the
+  new targets equal the loop on vectors (float64)."""
+  rng = np.random.default_rng(15)
+  rule = jax.jit(agg.gradvac_weights)
+  with enable_x64():
+    for k in (1, 2, 3, 5):
+      targets = rng.uniform(-1, 1, (k, k))
+      for step in range(4):
+        jac = rng.standard_normal((k, 6)) * rng.uniform(0.1, 10, size=(k, 1))
+        if step == 1 and k > 1:
+          jac[1] = -0.7 * jac[0] + 0.1 * rng.standard_normal(6)
+        orders = np.stack([rng.permutation(k) for _ in range(k)])
+        w, new = rule(jnp.asarray(jac @ jac.T), jnp.asarray(targets), jnp.asarray(orders), 0.3)
+        want, want_targets = ref.gradvac(jac, targets, orders, 0.3)
+        assert direction_error(w, jac, want) < 1e-10, (k, step)
+        off = ~np.eye(k, dtype=bool)
+        np.testing.assert_allclose(np.asarray(new)[off], want_targets[off], atol=1e-12)
+        targets = want_targets
+
+
+def test_gradvac_transform_keeps_its_targets_and_follows_the_key():
+  """Float32 on pytrees over 4 steps against the reference fed the same orders
+  (from the key in the state) and its own targets; targets 0 at the first step
+  make it PCGrad; the degenerate cases."""
+  k = 3
+  seq = sequence(16, k, 4)
+  tx = agg.gradvac(k, target_decay=0.5, key=3)
+  state = tx.init(seq[0][0])
+  targets = np.zeros((k, k))
+  update = jax.jit(tx.update)
+  for step, grads in enumerate(seq):
+    key = jax.random.split(state.rng_key)[1]
+    orders = np.asarray(
+      jax.vmap(lambda kk: jax.random.permutation(kk, k))(jax.random.split(key, k))
+    )
+    jac = np.stack([flat(g) for g in grads])
+    d, state = update(grads, state)
+    want, targets = ref.gradvac(jac, targets, orders, 0.5)
+    assert np.abs(flat(d) - want).max() <= 1e-5 * np.abs(want).max(), step
+    if step == 0:
+      np.testing.assert_allclose(want, ref.pcgrad(jac, orders), rtol=1e-12)
+    off = ~np.eye(k, dtype=bool)
+    np.testing.assert_allclose(np.asarray(state.rule_state)[off], targets[off], atol=1e-5)
+  with enable_x64():
+    for jac, want in [
+      (G[None], G),
+      (np.stack([G, G, G]), 3 * G),
+      (np.stack([G, -G]), 0 * G),
+      (np.zeros((3, 3)), 0 * G),
+      (np.stack([G, 0 * G]), G),
+    ]:
+      k = len(jac)
+      w, _ = agg.gradvac_weights(
+        jnp.asarray(jac @ jac.T), jnp.zeros((k, k)), jnp.tile(jnp.arange(k), (k, 1))
+      )
+      np.testing.assert_allclose(np.asarray(w) @ jac, want, atol=1e-12)
+
+
+@pytest.mark.parametrize("inner", ["mgda", "upgrad_ema"])
+def test_cr_mogm_is_an_ema_of_the_inner_weights(inner):
+  """The applied weights are the EMA (decay 0.7, started at the first choice)
+  of the weights the wrapped aggregator reports, run on its own; decay 0 is
+  the wrapped aggregator; a NaN step is passed through and leaves the EMA."""
+  k = 3
+  seq = sequence(17, k, 5)
+  make = (lambda: agg.mgda(k)) if inner == "mgda" else (lambda: agg.upgrad(k, ema_decay=0.8))
+  alone, tx, plain = make(), agg.cr_mogm(make(), decay=0.7), agg.cr_mogm(make(), decay=0.0)
+  sa, st, sp = alone.init(seq[0][0]), tx.init(seq[0][0]), plain.init(seq[0][0])
+  lam = None
+  for grads in seq:
+    da, sa = jax.jit(alone.update)(grads, sa)
+    d, st = jax.jit(tx.update)(grads, st)
+    dp, sp = jax.jit(plain.update)(grads, sp)
+    chosen = np.asarray(sa.objective_weights, np.float64)
+    lam = chosen if lam is None else 0.7 * lam + 0.3 * chosen
+    jac = np.stack([flat(g) for g in grads])
+    np.testing.assert_allclose(st.objective_weights, lam, rtol=1e-6)
+    np.testing.assert_allclose(flat(d), lam @ jac, rtol=1e-5, atol=1e-5 * np.abs(jac).max())
+    np.testing.assert_allclose(flat(dp), flat(da), rtol=1e-6, atol=1e-6)
+  bad = (seq[0][0], jax.tree.map(lambda x: x * jnp.nan, seq[0][1]), seq[0][2])
+  d, after = jax.jit(tx.update)(bad, st)
+  assert np.all(np.isnan(flat(d)))
+  np.testing.assert_array_equal(after.objective_weights, st.objective_weights)
+
+
+@pytest.mark.parametrize(
+  ("make", "error", "match"),
+  [
+    (lambda: agg.nash_mtl(2, max_norm=0.0), ValueError, "max_norm"),
+    (lambda: agg.nash_mtl(2, ridge=-1.0), ValueError, "ridge"),
+    (lambda: agg.fairgrad(2, alpha=-1.0), ValueError, "alpha"),
+    (lambda: agg.gradvac(2, target_decay=1.5), ValueError, "target_decay"),
+    (lambda: agg.gradvac(2, key=None), TypeError, "PRNG key"),
+    (lambda: agg.cr_mogm(agg.upgrad(2), decay=2.0), ValueError, "decay"),
+    (lambda: agg.cr_mogm("upgrad"), TypeError, "GradientTransformation"),
+    (lambda: agg.cr_mogm(optax.sgd(1.0)).init(jnp.zeros(2)), TypeError, "AggregatorState"),
+  ],
+)
+def test_bad_arguments_of_the_stateful_and_fair_rules_raise(make, error, match):
+  with pytest.raises(error, match=match):
+    make()
