@@ -1168,14 +1168,13 @@ def constant(weights: jax.typing.ArrayLike) -> optax.GradientTransformationExtra
   return _aggregator(api, int(values.size), rule, None, None)
 
 
-def _check_positive_or_none(value: Any, name: str, api: str) -> None:
-  if value is not None and not (jnp.ndim(value) == 0 and float(value) > 0):
-    raise ValueError(f"{api}: expected {name} to be a number > 0 or None; got {value!r}.")
-
-
-def _check_nonneg(value: Any, name: str, api: str) -> None:
-  if not (jnp.ndim(value) == 0 and float(value) >= 0):
-    raise ValueError(f"{api}: expected {name} to be a number >= 0; got {value!r}.")
+def _check_number(value: Any, name: str, api: str, expected: str, ok: Callable) -> None:
+  """A Python number must satisfy ``ok``; arrays (``optax.inject_hyperparams``
+  passes them, possibly traced) are taken as given."""
+  if isinstance(value, numbers.Real) and not ok(value):
+    raise ValueError(f"{api}: expected {name} to be {expected}; got {value!r}.")
+  if not isinstance(value, numbers.Real) and not hasattr(value, "dtype"):
+    raise TypeError(f"{api}: expected {name} to be {expected}; got {value!r}.")
 
 
 def nash_mtl(
@@ -1226,8 +1225,9 @@ def nash_mtl(
     Learning as a Bargaining Game", ICML 2022 (arXiv:2202.01017).
   """
   api = "aggregators.nash_mtl"
-  _check_positive_or_none(max_norm, "max_norm", api)
-  _check_nonneg(ridge, "ridge", api)
+  if max_norm is not None:
+    _check_number(max_norm, "max_norm", api, "a number > 0 or None", lambda v: v > 0)
+  _check_number(ridge, "ridge", api, "a number >= 0", lambda v: v >= 0)
   k = _check_count(num_objectives, api)
 
   def rule(gram, log2_scale, key, rule_state):
@@ -1281,8 +1281,8 @@ def fairgrad(
     (arXiv:2402.15638).
   """
   api = "aggregators.fairgrad"
-  _check_nonneg(alpha, "alpha", api)
-  _check_nonneg(ridge, "ridge", api)
+  _check_number(alpha, "alpha", api, "a number >= 0", lambda v: v >= 0)
+  _check_number(ridge, "ridge", api, "a number >= 0", lambda v: v >= 0)
 
   def rule(gram, log2_scale, key, rule_state):
     return _fairgrad(gram, alpha, ridge, log2_scale), rule_state
@@ -1339,11 +1339,11 @@ def gradvac(
   api = "aggregators.gradvac"
   k = _check_count(num_objectives, api)
   _check_key(key, api)
-  if not (jnp.ndim(target_decay) == 0 and 0 <= float(target_decay) <= 1):
-    raise ValueError(f"{api}: expected target_decay in [0, 1]; got {target_decay!r}.")
+  _check_number(target_decay, "target_decay", api, "in [0, 1]", lambda v: 0 <= v <= 1)
 
   def rule(gram, log2_scale, step_key, targets):
-    return gradvac_weights(gram, targets, _orders(step_key, k), target_decay)
+    weights, new = gradvac_weights(gram, targets, _orders(step_key, k), target_decay)
+    return weights, new.astype(targets.dtype)  # float32 targets, a stable state type
 
   targets = jnp.zeros([k, k], jnp.float32)
   return _aggregator(api, k, rule, ema_decay, accumulator_dtype, key=key, rule_state=targets)
@@ -1413,8 +1413,7 @@ def cr_mogm(
       f"{api}: expected inner to be an aggregator of bloop_optax.aggregators (an optax"
       f" GradientTransformation); got {type(inner).__name__}."
     )
-  if not (jnp.ndim(decay) == 0 and 0 <= float(decay) <= 1):
-    raise ValueError(f"{api}: expected decay in [0, 1]; got {decay!r}.")
+  _check_number(decay, "decay", api, "in [0, 1]", lambda v: 0 <= v <= 1)
   inner = optax.with_extra_args_support(inner)
 
   def init_fn(params):

@@ -60,14 +60,19 @@ AGGREGATORS = ["mgda", "pcgrad", "cagrad", "imtl_g", "aligned_mtl", "upgrad", "d
 @pytest.mark.parametrize(
   ("name", "ema_decay"),
   [(name, decay) for name in AGGREGATORS[:6] for decay in (None, 0.9)]
-  + [(name, 0.9) for name in (*AGGREGATORS[6:], "krum")],
+  + [(name, 0.9) for name in (*AGGREGATORS[6:], "krum", "nash_mtl", "gradvac", "cr_mogm")],
 )
 def test_aggregator_steps_have_no_parameter_sized_temporary(name, ema_decay):
   """Three objectives: the Gram matrix is scalars, the EMAs are written in
-  place, and the weighted sum fuses into adam."""
+  place, and the weighted sum fuses into adam (CR-MOGM: the wrapped
+  aggregator's unused direction is not computed)."""
   from bloop_optax import aggregators
 
-  tx = optax.chain(getattr(aggregators, name)(3, ema_decay=ema_decay), optax.adam(1e-3))
+  if name == "cr_mogm":
+    agg_tx = aggregators.cr_mogm(aggregators.upgrad(3, ema_decay=ema_decay))
+  else:
+    agg_tx = getattr(aggregators, name)(3, ema_decay=ema_decay)
+  tx = optax.chain(agg_tx, optax.adam(1e-3))
   params = {f"w{i}": jnp.ones((64, 256), jnp.float32) * (i + 1) for i in range(4)}
   grads = tuple(jax.tree.map(lambda p, s=s: p * s, params) for s in (0.5, -0.3, 0.2))
 
