@@ -8,7 +8,7 @@ TorchJD, which neither the library nor its tests install; set up a separate
 environment:
 
   python3 -m venv .venv-torchjd
-  .venv-torchjd/bin/pip install -e . torch "torchjd[quadprog_projector,cagrad]==0.18.0"
+  .venv-torchjd/bin/pip install -e . torch "torchjd[quadprog_projector,cagrad,nash_mtl,fairgrad]==0.18.0" ecos
   .venv-torchjd/bin/python -m benchmarks.torchjd_compare
 
 Two TorchJD settings are compared: its defaults (MGDA's Frank-Wolfe stops at a
@@ -43,75 +43,158 @@ SHAPES = [(2, 10), (3, 2), (3, 50), (5, 4), (5, 100), (8, 6), (8, 1000)]
 
 
 def torchjd_aggregators(tight):
+  """name -> (K -> a TorchJD aggregator); the stateful ones are made anew per
+  shape (GradVac) or per matrix (Nash-MTL)."""
+  import torch
   from torchjd import aggregation as tj
   from torchjd._linalg import QuadprogProjector
 
+  def fixed(aggregator):
+    return lambda k: aggregator
+
+  exact_qp = QuadprogProjector(norm_eps=0.0, reg_eps=1e-12)
+  common = {
+    "mean": fixed(tj.Mean()),
+    "pcgrad": fixed(tj.PCGrad()),
+    "imtl_g": fixed(tj.IMTLG()),
+    "aligned_mtl": fixed(tj.AlignedMTL()),
+    "config": fixed(tj.ConFIG()),
+    "krum": fixed(tj.Krum(n_byzantine=0, n_selected=1)),
+    "nash_mtl": lambda k: tj.NashMTL(n_tasks=k, max_norm=1.0),
+    "fairgrad": fixed(tj.FairGrad(alpha=FAIRGRAD_ALPHA)),
+    "constant": lambda k: tj.Constant(torch.arange(1, k + 1, dtype=torch.float64) / k),
+    "sum": fixed(tj.Sum()),
+  }
   if tight:
-    return {
-      "mean": tj.Mean(),
-      "mgda": tj.MGDA(epsilon=1e-12, max_iters=100_000),
-      "pcgrad": tj.PCGrad(),
-      "cagrad": tj.CAGrad(c=0.5, norm_eps=1e-12),
-      "imtl_g": tj.IMTLG(),
-      "aligned_mtl": tj.AlignedMTL(),
-      "upgrad": tj.UPGrad(projector=QuadprogProjector(norm_eps=0.0, reg_eps=1e-12)),
+    return common | {
+      "mgda": fixed(tj.MGDA(epsilon=1e-12, max_iters=100_000)),
+      "cagrad": fixed(tj.CAGrad(c=0.5, norm_eps=1e-12)),
+      "upgrad": fixed(tj.UPGrad(projector=exact_qp)),
+      "dualproj": fixed(tj.DualProj(projector=exact_qp)),
+      "gradvac": lambda k: tj.GradVac(beta=0.5, eps=0.0),
     }
-  return {
-    "mean": tj.Mean(),
-    "mgda": tj.MGDA(),
-    "pcgrad": tj.PCGrad(),
-    "cagrad": tj.CAGrad(c=0.5),
-    "imtl_g": tj.IMTLG(),
-    "aligned_mtl": tj.AlignedMTL(),
-    "upgrad": tj.UPGrad(),
+  return common | {
+    "mgda": fixed(tj.MGDA()),
+    "cagrad": fixed(tj.CAGrad(c=0.5)),
+    "upgrad": fixed(tj.UPGrad()),
+    "dualproj": fixed(tj.DualProj()),
+    "gradvac": lambda k: tj.GradVac(beta=0.5),
   }
 
 
-def ours(name, gram, orders):
+FAIRGRAD_ALPHA = 2.0
+MIN_K = {"krum": 3}  # Krum needs K >= n_byzantine + 3
+
+
+def ours(name, gram, orders, targets):
+  """Our weights (and GradVac's new targets) on the Gram matrix."""
+  k = gram.shape[0]
   if name == "pcgrad":
-    return agg.pcgrad_weights(gram, orders)
+    return agg.pcgrad_weights(gram, orders), targets
+  if name == "gradvac":
+    # TorchJD's beta is the weight on the new cosine: target_decay = 1 - beta.
+    return agg.gradvac_weights(gram, targets, orders, 0.5)
   if name == "cagrad":
-    return agg.cagrad_weights(gram, 0.5)
-  return getattr(agg, f"{name}_weights")(gram)
+    return agg.cagrad_weights(gram, 0.5), targets
+  if name == "krum":
+    return agg.krum_weights(gram, 0, 1), targets
+  if name == "nash_mtl":
+    return agg.nash_mtl_weights(gram, 1.0), targets
+  if name == "fairgrad":
+    return agg.fairgrad_weights(gram, FAIRGRAD_ALPHA), targets
+  if name == "constant":
+    return agg.constant_weights(gram, jnp.arange(1, k + 1) / k), targets
+  if name == "sum":
+    return agg.constant_weights(gram, jnp.ones(k)), targets
+  return getattr(agg, f"{name}_weights")(gram), targets
+
+
+def exact(name, jac, orders, targets):
+  k = len(jac)
+  if name == "pcgrad":
+    return reference_mtl.pcgrad(jac, orders)
+  if name == "gradvac":
+    return reference_mtl.gradvac(jac, targets, orders, 0.5)[0]
+  if name == "cagrad":
+    return reference_mtl.cagrad(jac, 0.5)
+  if name == "krum":
+    return reference_mtl.krum(jac, 0, 1)
+  if name == "nash_mtl":
+    return reference_mtl.nash_mtl(jac, max_norm=1.0)
+  if name == "fairgrad":
+    return reference_mtl.fairgrad(jac, FAIRGRAD_ALPHA)
+  if name == "constant":
+    return np.arange(1, k + 1) / k @ jac
+  if name == "sum":
+    return jac.sum(axis=0)
+  return getattr(reference_mtl, name)(jac)
+
+
+def torch_orders(k):
+  """The visiting orders TorchJD's PCGrad and GradVac draw after a reseed: per
+  objective, PCGrad a permutation of all, GradVac one of the others."""
+  import torch
+
+  pc = np.stack([torch.randperm(k).numpy() for _ in range(k)])
+  return pc
+
+
+def gradvac_orders(k):
+  import torch
+
+  rows = []
+  for i in range(k):
+    others = [j for j in range(k) if j != i]
+    perm = torch.randperm(len(others)).tolist()
+    rows.append([i] + [others[t] for t in perm])  # i is skipped
+  return np.asarray(rows)
 
 
 def compare(trials, seed):
   import torch
 
   rules = {
-    name: jax.jit(lambda g, o, name=name: ours(name, g, o)) for name in torchjd_aggregators(False)
+    name: jax.jit(lambda g, o, t, name=name: ours(name, g, o, t))
+    for name in torchjd_aggregators(False)
   }
   rng = np.random.default_rng(seed)
   results = {}
   for tight in (False, True):
     setting = "tight" if tight else "default"
-    theirs = torchjd_aggregators(tight)
-    for name, aggregator in theirs.items():
+    for name, make in torchjd_aggregators(tight).items():
       worst, worst_case, failures = 0.0, None, 0
       ours_exact, theirs_exact = 0.0, 0.0
       for k, p in SHAPES:
+        if k < MIN_K.get(name, 1):
+          continue
+        aggregator = make(k)
+        targets = np.zeros((k, k))  # GradVac's, carried over the trials of a shape
         for trial in range(trials):
           jac = rng.standard_normal((k, p)) * rng.uniform(0.1, 10, size=(k, 1))
           if trial % 3 == 1:
             jac[1] = -0.5 * jac[0] + 0.3 * rng.standard_normal(p)  # conflict
           torch.manual_seed(trial)
-          orders = np.stack([torch.randperm(k).numpy() for _ in range(k)])
-          torch.manual_seed(trial)  # TorchJD's PCGrad draws the same orders
+          orders = gradvac_orders(k) if name == "gradvac" else torch_orders(k)
+          torch.manual_seed(trial)  # TorchJD draws the same orders
+          if name == "nash_mtl":
+            aggregator = make(k)  # stateful across calls: a fresh one per matrix
           try:
             got_theirs = aggregator(torch.from_numpy(jac)).numpy()
           except ValueError:
             failures += 1  # quadprog refuses a singular problem
             continue
-          w = rules[name](jnp.asarray(jac @ jac.T), jnp.asarray(orders))
+          w, new_targets = rules[name](
+            jnp.asarray(jac @ jac.T), jnp.asarray(orders), jnp.asarray(targets)
+          )
           diff = np.abs(np.asarray(w) @ jac - got_theirs).max() / np.abs(jac).max()
           if diff > worst:
             worst, worst_case = float(diff), [k, p, trial]
           if k <= 5 and (name != "imtl_g" or np.linalg.matrix_rank(jac) == k):
-            args = (orders,) if name == "pcgrad" else (0.5,) if name == "cagrad" else ()
-            exact = getattr(reference_mtl, name)(jac, *args)
+            want = exact(name, jac, orders, targets)
             scale = np.abs(jac).max()
-            ours_exact = max(ours_exact, np.abs(np.asarray(w) @ jac - exact).max() / scale)
-            theirs_exact = max(theirs_exact, np.abs(got_theirs - exact).max() / scale)
+            ours_exact = max(ours_exact, np.abs(np.asarray(w) @ jac - want).max() / scale)
+            theirs_exact = max(theirs_exact, np.abs(got_theirs - want).max() / scale)
+          targets = np.asarray(new_targets)
       results[f"{name}/{setting}"] = {
         "largest_relative_difference": worst,
         "at_k_p_trial": worst_case,

@@ -291,6 +291,46 @@ def _check_krum(k: int, n_byzantine: Any, n_selected: Any, api: str) -> None:
     )
 
 
+def _onto_simplex(v: jax.Array) -> jax.Array:
+  """Euclidean projection onto the probability simplex (sort, then the
+  threshold; no gather or scatter, which older JAX cannot partition on an
+  explicit mesh)."""
+  k = v.shape[0]
+  u = jnp.sort(v)[::-1]
+  excess = jnp.cumsum(u) - 1
+  index = jnp.arange(k)
+  positive = u - excess / (index + 1).astype(v.dtype) > 0
+  last = jnp.max(jnp.where(positive, index, 0))
+  theta = jnp.sum(jnp.where(index == last, excess, 0)) / (last + 1).astype(v.dtype)
+  return jnp.maximum(v - theta, 0)
+
+
+def moco_weights(
+  gram: jax.Array,
+  weights: jax.Array,
+  step_size: jax.typing.ArrayLike = 0.1,
+  rho: jax.typing.ArrayLike = 0.0,
+) -> jax.Array:
+  r"""One MoCo step of the weights on the simplex.
+
+  .. math:: \lambda' = \Pi_\Delta\big(\lambda - \gamma (\hat G + \rho I) \lambda\big)
+
+  A projected gradient step on :math:`\lambda^\top (\hat G + \rho I) \lambda / 2` over the
+  simplex (toward MGDA's min-norm weights), with :math:`\hat G = G / \max_i G_{ii}` so that
+  the step :math:`\gamma` (``step_size``) does not depend on the gradients' scale.
+
+  Args:
+    gram: ``[K, K]``, the Gram matrix of the tracked gradients.
+    weights: ``[K]``, the current :math:`\lambda` on the simplex.
+    step_size: :math:`\gamma > 0`.
+    rho: :math:`\rho \ge 0`, the regulariser.
+  """
+  g = _normalized(gram)
+  lam = weights.astype(g.dtype)
+  pull = jnp.sum(g * lam[None, :], axis=1) + jnp.asarray(rho, g.dtype) * lam
+  return _onto_simplex(lam - jnp.asarray(step_size, g.dtype) * pull)
+
+
 def random_weights(gram: jax.Array, key: jax.Array) -> jax.Array:
   r"""Random loss weighting: :math:`w = \operatorname{softmax}(z)`, :math:`z \sim N(0, I_K)`.
 
@@ -519,7 +559,7 @@ class AggregatorState(NamedTuple):
     rng_key: the PRNG key of a random aggregator (:func:`pcgrad`,
       :func:`gradvac`, :func:`random`), else ``None``.
     rule_state: the rule's own state across steps: :func:`gradvac`'s ``[K, K]``
-      cosine targets; ``None`` for the other rules.
+      cosine targets, :func:`moco`'s weights; ``None`` for the other rules.
   """
 
   steps: jax.Array
@@ -588,6 +628,7 @@ def _aggregator(
   accumulator_dtype: Any,
   key: jax.Array | int | None = None,
   rule_state: PyTree = None,
+  apply_to_emas: bool = False,
 ) -> optax.GradientTransformationExtraArgs:
   # ``rule(gram, log2_scale, key, rule_state) -> (weights, rule_state)``: ``gram``
   # is the Gram matrix divided by ``4**log2_scale``; ``key`` a fresh subkey for
@@ -653,7 +694,13 @@ def _aggregator(
       rule_state = jax.tree.map(
         lambda new, old: jnp.where(finite, new, old), rule_state, state.rule_state
       )
-    direction = tm.linear_combination(list(weights), grads)
+    # MoCo steps along its tracked gradients (the EMAs), every other rule along
+    # the current ones.
+    if apply_to_emas:  # in the gradients' dtype, as every aggregator's direction
+      direction = tm.linear_combination(list(weights), emas)
+      direction = jax.tree.map(lambda d, g: d.astype(g.dtype), direction, grads[0])
+    else:
+      direction = tm.linear_combination(list(weights), grads)
     new_state = AggregatorState(
       steps=optax.safe_increment(state.steps),
       skipped_steps=jnp.where(
@@ -1347,6 +1394,74 @@ def gradvac(
 
   targets = jnp.zeros([k, k], jnp.float32)
   return _aggregator(api, k, rule, ema_decay, accumulator_dtype, key=key, rule_state=targets)
+
+
+def moco(
+  num_objectives: int,
+  ema_decay: jax.typing.ArrayLike = 0.9,
+  step_size: jax.typing.ArrayLike = 0.1,
+  rho: jax.typing.ArrayLike = 0.0,
+  *,
+  accumulator_dtype: Any | None = None,
+) -> optax.GradientTransformationExtraArgs:
+  r"""MoCo: track the gradients, move the weights a step at a time, follow both.
+
+  Each step updates the tracked gradients :math:`y_i \leftarrow \beta y_i + (1 - \beta) g_i`
+  (the EMAs, ``ema_decay`` = :math:`\beta`; the paper's tracking rate is
+  :math:`1 - \beta`), then the weights by one projected gradient step
+  :math:`\lambda \leftarrow \Pi_\Delta(\lambda - \gamma (\hat G_y + \rho I) \lambda)` on the
+  tracked gradients' Gram matrix (see :func:`moco_weights`), and returns
+  :math:`d = \sum_i \lambda_i y_i`: the direction is built from the tracked gradients,
+  not the current ones. :math:`\lambda` starts at :math:`1 / K` and lives in the state
+  (``rule_state``). The weights move slowly toward MGDA's, which is what makes the
+  method convergent with stochastic gradients. Variant: the paper's Algorithm 1
+  without its optional projection of the tracked gradients onto a bounded set,
+  with a constant :math:`\beta` and :math:`\gamma` (``optax.inject_hyperparams`` can
+  schedule both), and with :math:`\hat G` normalised by its largest diagonal entry so
+  that :math:`\gamma` is scale free.
+
+  Args:
+    num_objectives: the number :math:`K` of objectives.
+    ema_decay: :math:`\beta \in [0, 1]`, the weight on the old tracked gradient
+      (0: the current gradients, no tracking).
+    step_size: :math:`\gamma > 0`, the weights' step.
+    rho: :math:`\rho \ge 0`, the regulariser of the weights' problem.
+    accumulator_dtype: dtype of the tracked gradients.
+
+  Returns:
+    An ``optax.GradientTransformationExtraArgs``; see :func:`mgda`.
+
+  Examples:
+    >>> import jax.numpy as jnp
+    >>> from bloop_optax import aggregators
+    >>> tx = aggregators.moco(2, ema_decay=0.0, step_size=0.5)
+    >>> g1, g2 = jnp.array([1.0, 0.0]), jnp.array([0.0, 2.0])
+    >>> d, state = tx.update((g1, g2), tx.init(g1))
+    >>> state.rule_state  # (1/2, 1/2) - 0.5 G/4 (1/2, 1/2) = (0.4375, 0.25), + 0.15625 each
+    Array([0.59375, 0.40625], dtype=float32)
+
+  References:
+    Fernando, Shen, Liu, Chaudhury, Murugesan, Chen, "Mitigating Gradient Bias
+    in Multi-objective Learning: A Provably Convergent Approach", ICLR 2023.
+  """
+  api = "aggregators.moco"
+  k = _check_count(num_objectives, api)
+  if ema_decay is None:
+    raise ValueError(
+      f"{api}: expected ema_decay to be a number in [0, 1] (MoCo tracks the gradients;"
+      " 0 tracks nothing); got None."
+    )
+  _check_number(step_size, "step_size", api, "a number > 0", lambda v: v > 0)
+  _check_number(rho, "rho", api, "a number >= 0", lambda v: v >= 0)
+
+  def rule(gram, log2_scale, key, weights):
+    new = moco_weights(gram, weights, step_size, rho)
+    return new, new.astype(weights.dtype)
+
+  start = jnp.full([k], 1 / k, jnp.float32)
+  return _aggregator(
+    api, k, rule, ema_decay, accumulator_dtype, rule_state=start, apply_to_emas=True
+  )
 
 
 class SmoothedWeightsState(NamedTuple):

@@ -51,6 +51,8 @@ from bloop_optax._aggregators import mean
 from bloop_optax._aggregators import mean_weights
 from bloop_optax._aggregators import mgda
 from bloop_optax._aggregators import mgda_weights
+from bloop_optax._aggregators import moco
+from bloop_optax._aggregators import moco_weights
 from bloop_optax._aggregators import nash_mtl
 from bloop_optax._aggregators import nash_mtl_weights
 from bloop_optax._aggregators import pcgrad
@@ -86,6 +88,8 @@ __all__ = (
   "mean_weights",
   "mgda",
   "mgda_weights",
+  "moco",
+  "moco_weights",
   "nash_mtl",
   "nash_mtl_weights",
   "pcgrad",

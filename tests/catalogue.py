@@ -144,6 +144,14 @@ def _cases() -> list[Case]:
       ("num_objectives",),
     ),
     Case(
+      "aggregators.moco",
+      lambda: aggregators.moco(3, 0.9, 0.2),
+      3,
+      aggregators.moco,
+      {"num_objectives": 3, "ema_decay": 0.9, "step_size": 0.2, "rho": 0.0},
+      ("num_objectives",),
+    ),
+    Case(
       "aggregators.cr_mogm",
       lambda: aggregators.cr_mogm(aggregators.upgrad(3, ema_decay=0.9), decay=0.8),
       3,

@@ -279,3 +279,33 @@ def gradvac(jac, targets, orders, target_decay):
       targets[i, j] = target_decay * target + (1 - target_decay) * phi
     rows.append(v)
   return np.sum(rows, axis=0), targets
+
+
+def onto_simplex(v):
+  """Euclidean projection onto the probability simplex, by bisection on the
+  threshold ``t`` of ``max(v - t, 0)`` (a different method from the package's
+  sort)."""
+  lo, hi = v.min() - 1, v.max()
+  for _ in range(200):
+    mid = (lo + hi) / 2
+    lo, hi = (mid, hi) if np.maximum(v - mid, 0).sum() > 1 else (lo, mid)
+  return np.maximum(v - (lo + hi) / 2, 0)
+
+
+def moco(grad_steps, ema_decay, step_size, rho):
+  """MoCo (Fernando et al. 2023) over a sequence of K x P Jacobians: tracked
+  gradients (EMAs from 0), one projected step of the weights on the Gram
+  matrix normalised by its largest diagonal entry, d = lambda @ Y. Returns the
+  directions and the weights after each step."""
+  k = len(grad_steps[0])
+  tracked = np.zeros_like(grad_steps[0])
+  lam = np.full(k, 1 / k)
+  out = []
+  for jac in grad_steps:
+    tracked = ema_decay * tracked + (1 - ema_decay) * jac
+    gram = tracked @ tracked.T
+    top = np.max(np.diag(gram))
+    gram = gram / top if top > 0 else gram
+    lam = onto_simplex(lam - step_size * (gram @ lam + rho * lam))
+    out.append((lam @ tracked, lam.copy()))
+  return out

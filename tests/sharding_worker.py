@@ -99,6 +99,7 @@ def main(axis_type_name):
     ("nash_mtl_ema", aggregators.nash_mtl(3, ema_decay=0.8), triples),
     ("fairgrad", aggregators.fairgrad(3, 2.0), triples),
     ("gradvac", aggregators.gradvac(3, key=1), triples),
+    ("moco", aggregators.moco(3, ema_decay=0.8), triples),
     ("cr_mogm", aggregators.cr_mogm(aggregators.mgda(3)), triples),
     ("hierarchical_bloop", bloop_optax.hierarchical_bloop((0.5, 0.5), 0.8), triples),
     ("upgrad_ema_k12", aggregators.upgrad(12, ema_decay=0.8), many),

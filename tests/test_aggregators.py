@@ -846,3 +846,35 @@ def test_cr_mogm_is_an_ema_of_the_inner_weights(inner):
 def test_bad_arguments_of_the_stateful_and_fair_rules_raise(make, error, match):
   with pytest.raises(error, match=match):
     make()
+
+
+def test_moco_tracks_steps_its_weights_and_follows_the_tracked_gradients():
+  """Float32 on pytrees over 6 steps against the NumPy loop (EMAs, one
+  projected step of the weights, d from the tracked gradients); the simplex
+  projection against bisection; ema_decay 0 tracks nothing."""
+  k = 3
+  seq = sequence(18, k, 6)
+  for decay, step, rho in [(0.8, 0.3, 0.0), (0.0, 1.0, 0.1)]:
+    tx = agg.moco(k, ema_decay=decay, step_size=step, rho=rho)
+    state = tx.init(seq[0][0])
+    update = jax.jit(tx.update)
+    jacs = [np.stack([flat(g) for g in grads]) for grads in seq]
+    want = ref.moco(jacs, decay, step, rho)
+    for grads, (d_want, lam) in zip(seq, want, strict=True):
+      d, state = update(grads, state)
+      np.testing.assert_allclose(state.rule_state, lam, rtol=1e-5, atol=1e-6)
+      np.testing.assert_allclose(state.objective_weights, lam, rtol=1e-5, atol=1e-6)
+      assert np.abs(flat(d) - d_want).max() <= 2e-5 * np.abs(d_want).max()
+  rng = np.random.default_rng(19)
+  project = jax.jit(agg_impl._onto_simplex)
+  with enable_x64():
+    for k in (1, 2, 5, 9):
+      v = rng.standard_normal(k) * rng.uniform(0.1, 5)
+      np.testing.assert_allclose(project(jnp.asarray(v)), ref.onto_simplex(v), atol=1e-12)
+
+
+def test_moco_without_ema_decay_raises():
+  with pytest.raises(ValueError, match="tracks the gradients"):
+    agg.moco(2, ema_decay=None)
+  with pytest.raises(ValueError, match="step_size"):
+    agg.moco(2, step_size=0.0)

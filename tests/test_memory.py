@@ -60,7 +60,7 @@ AGGREGATORS = ["mgda", "pcgrad", "cagrad", "imtl_g", "aligned_mtl", "upgrad", "d
 @pytest.mark.parametrize(
   ("name", "ema_decay"),
   [(name, decay) for name in AGGREGATORS[:6] for decay in (None, 0.9)]
-  + [(name, 0.9) for name in (*AGGREGATORS[6:], "krum", "nash_mtl", "gradvac", "cr_mogm")],
+  + [(name, 0.9) for name in (*AGGREGATORS[6:], "krum", "nash_mtl", "gradvac", "moco", "cr_mogm")],
 )
 def test_aggregator_steps_have_no_parameter_sized_temporary(name, ema_decay):
   """Three objectives: the Gram matrix is scalars, the EMAs are written in

@@ -65,6 +65,7 @@ def test_aggregators_sharded_equal_single_device_and_communicate_only_scalars(re
     "nash_mtl_ema",
     "fairgrad",
     "gradvac",
+    "moco",
     "cr_mogm",
     "hierarchical_bloop",
     "upgrad_ema_k12",
