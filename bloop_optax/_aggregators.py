@@ -487,19 +487,19 @@ def gradvac_weights(
 
   For each :math:`i`, :math:`v_i` starts at :math:`g_i` and visits the other
   objectives :math:`j` in the order ``orders[i]`` (skipping ``i``). With
-  :math:`\phi = \cos(v_i, g_j)` and the target :math:`\hat\phi = ` ``targets[i, j]``,
-  if :math:`\phi < \hat\phi` it adds
+  :math:`\phi = \cos(v_i, g_j)` and the target :math:`\hat\phi_{ij}` (``targets[i, j]``), if
+  :math:`\phi < \hat\phi_{ij}` it adds
 
   .. math::
 
-    \frac{\|v_i\| \big(\hat\phi \sqrt{1 - \phi^2} - \phi \sqrt{1 - \hat\phi^2}\big)}
-      {\|g_j\| \sqrt{1 - \hat\phi^2}} \, g_j,
+    \frac{\|v_i\| \big(\hat\phi_{ij} \sqrt{1 - \phi^2} - \phi \sqrt{1 - \hat\phi_{ij}^2}\big)}
+      {\|g_j\| \sqrt{1 - \hat\phi_{ij}^2}} \, g_j,
 
-  which raises the cosine to :math:`\hat\phi`; then the target moves:
-  :math:`\hat\phi \leftarrow` ``target_decay`` :math:`\hat\phi + (1 -` ``target_decay``
-  :math:`) \phi`. :math:`d = \sum_i v_i` (a sum, as PCGrad). Cosines with a zero vector
-  count as 0 and a division by zero as no correction (no :math:`\epsilon`).
-  Scale: invariant.
+  which raises the cosine to :math:`\hat\phi_{ij}`; then the target moves toward the
+  observed cosine, :math:`\hat\phi_{ij} \leftarrow \gamma \hat\phi_{ij} + (1 - \gamma) \phi`
+  with :math:`\gamma` = ``target_decay``. :math:`d = \sum_i v_i` (a sum, as PCGrad).
+  Cosines with a zero vector count as 0 and a division by zero as no correction
+  (no :math:`\epsilon`). Scale: invariant.
 
   Args:
     gram: ``[K, K]``.
@@ -1437,7 +1437,7 @@ def moco(
     >>> tx = aggregators.moco(2, ema_decay=0.0, step_size=0.5)
     >>> g1, g2 = jnp.array([1.0, 0.0]), jnp.array([0.0, 2.0])
     >>> d, state = tx.update((g1, g2), tx.init(g1))
-    >>> state.rule_state  # (1/2, 1/2) - 0.5 G/4 (1/2, 1/2) = (0.4375, 0.25), + 0.15625 each
+    >>> state.rule_state  # the step gives (0.4375, 0.25); onto the simplex
     Array([0.59375, 0.40625], dtype=float32)
 
   References:
@@ -1465,7 +1465,7 @@ def moco(
 
 
 class SmoothedWeightsState(NamedTuple):
-  r"""State of :func:`cr_mogm`.
+  r"""State of :func:`~bloop_optax.aggregators.cr_mogm`.
 
   Attributes:
     inner: the state of the wrapped aggregator (its ``objective_weights`` are
