@@ -87,8 +87,11 @@ def methods(k: int) -> dict:
     out[name] = lambda f=make: f(k)
     out[f"{name}+EMA"] = lambda f=make: f(k, ema_decay=EMA_DECAY)
   out["random"] = lambda: aggregators.random(k, key=0)  # weights ignore the gradients: no EMA
-  # CR-MOGM smooths MGDA's weights (not the gradients), with the same decay.
+  # CR-MOGM smooths MGDA's weights (not the gradients), with the same decay;
+  # MoCo tracks the gradients with it (its tracking is the EMA: no variant
+  # without) and steps its weights toward MGDA's (default step 0.1).
   out["mgda+CR-MOGM"] = lambda: aggregators.cr_mogm(aggregators.mgda(k), decay=EMA_DECAY)
+  out["moco"] = lambda: aggregators.moco(k, ema_decay=EMA_DECAY)
   return out
 
 
@@ -281,7 +284,7 @@ def _plot_task(curves, epochs, path):
   palette = colormaps["tab20"]
   fig = Figure(figsize=(13, 4))
   axes = fig.subplots(1, 4)
-  for c, name in enumerate([*NAMES, "random", "mgda+CR-MOGM"]):
+  for c, name in enumerate([*NAMES, "random", "mgda+CR-MOGM", "moco"]):
     for suffix, style in (("", "-"), ("+EMA", "--")):
       key = name + suffix
       if key not in curves:

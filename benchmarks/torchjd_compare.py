@@ -1,4 +1,4 @@
-"""Every aggregator that TorchJD also has, against TorchJD, on random matrices.
+r"""Every aggregator that TorchJD also has, against TorchJD, on random matrices.
 
 TorchJD (PyTorch) is the reference implementation of Jacobian descent; this
 script runs it and ``bloop_optax.aggregators`` on the same random K x P
@@ -8,7 +8,8 @@ TorchJD, which neither the library nor its tests install; set up a separate
 environment:
 
   python3 -m venv .venv-torchjd
-  .venv-torchjd/bin/pip install -e . torch "torchjd[quadprog_projector,cagrad,nash_mtl,fairgrad]==0.18.0" ecos
+  .venv-torchjd/bin/pip install -e . torch ecos \
+    "torchjd[quadprog_projector,cagrad,nash_mtl,fairgrad]==0.18.0"
   .venv-torchjd/bin/python -m benchmarks.torchjd_compare
 
 Two TorchJD settings are compared: its defaults (MGDA's Frank-Wolfe stops at a
@@ -16,8 +17,20 @@ step below 1e-3; UPGrad and CAGrad normalise the Gram matrix and UPGrad adds
 1e-4 to its diagonal), and tight ones that remove those approximations (MGDA
 1e-12 and 100,000 iterations; UPGrad without normalisation epsilon and with a
 1e-12 ridge; CAGrad norm_eps 1e-12), which show the remaining difference of the
-solvers themselves. PCGrad's random orders are drawn with torch's generator and
-passed to ``pcgrad_weights``, so both visit the objectives in the same order.
+solvers themselves (and for DualProj the same projector settings as UPGrad's;
+for GradVac its epsilon 1e-8 against none). PCGrad's and GradVac's random
+orders are drawn with torch's generator and passed to ``pcgrad_weights`` and
+``gradvac_weights``, so both visit the objectives in the same order. GradVac is
+stateful: one instance per shape sees that shape's matrices in turn, and ours
+carries its cosine targets along. Nash-MTL (TorchJD's port of the authors'
+code: at most 20 convex sub-problems, warm-started, stopping at a residual of
+1e-3; ``max_norm`` 1) is made anew for each matrix, as its state is the
+previous answer. FairGrad uses alpha = 2 (TorchJD: SciPy's ``least_squares``
+with its default tolerances, no ridge; ours: the default ridge 1e-6). Krum keeps
+one gradient with no Byzantine ones (K >= 3), Constant has weights
+``(1 .. K) / K``, Sum is ``constant(ones)``. TorchJD's Random draws from torch's
+generator and is not compared; CR-MOGM and MoCo are compared in the tests
+against references of their definitions, not here.
 
 For K <= 5 both are also measured against the exact answer of the test
 suite's NumPy reference (``tests/reference_mtl.py``, which enumerates every
