@@ -12,9 +12,11 @@ an EMA of the main gradient (Hsieh et al., ICML 2024, arXiv:2402.02998): a
 decision taken on noisy mini-batch gradients is biased, one taken on their
 averages much less.
 
-Every weight rule is invariant to a global scale of :math:`G` (checked per rule
-below), so the rules run on ``G / max_i G_ii``, rebuilt exactly from rescaled
-inner products when the float32 sums overflow.
+Every weight rule but Nash-MTL's and FairGrad's is invariant to a global scale
+of :math:`G` (checked per rule below), so the rules run on ``G / max_i G_ii``,
+rebuilt exactly from rescaled inner products when the float32 sums overflow;
+those two are told the power of 4 the Gram matrix was divided by and rescale
+their weights by it.
 """
 
 from collections.abc import Callable

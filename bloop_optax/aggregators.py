@@ -11,15 +11,19 @@ one full-precision product of the K stacked leaves per leaf instead: it
 compiles in seconds, stores the stacked leaves (a temporary as large as the K
 gradients) and all-reduces the K x K matrix across devices.
 
-Every aggregator but :func:`mean` takes ``ema_decay``: ``None`` (the method as
-published) or the weight on the old average of EMAs of the K gradients, from
-whose Gram matrix the weights are then decided, as Bloop projects on an EMA of
-the main gradient. The small problems (MGDA's and UPGrad's quadratic programs,
-CAGrad's inner problem) are solved exactly inside ``jit`` by an active-set
-method with a fixed budget of ``4 K + 8`` iterations, each solving a KKT
-system through a pseudo-inverse (eigenvalues below ``(K + 1) eps`` of the
+Every aggregator but :func:`mean`, :func:`random` and :func:`constant` takes
+``ema_decay``: ``None`` (the method as published) or the weight on the old
+average of EMAs of the K gradients, from whose Gram matrix the weights are then
+decided, as Bloop projects on an EMA of the main gradient (:func:`moco` needs
+it: its tracked gradients are these EMAs). :func:`cr_mogm` wraps any of them and
+smooths the weights instead. The small problems (MGDA's and UPGrad's quadratic
+programs, CAGrad's inner problem) are solved exactly inside ``jit`` by an
+active-set method with a fixed budget of ``4 K + 8`` iterations, each solving a
+KKT system through a pseudo-inverse (eigenvalues below ``(K + 1) eps`` of the
 largest count as zero; optimality is tested to ``64 K eps`` of the problem's
-scale). No host round trip; deterministic.
+scale); Nash-MTL's and FairGrad's equations by 40 damped Newton steps on an
+equivalent strictly convex problem, to rounding. No host round trip;
+deterministic.
 
 References:
   Hsieh, Thornton, Ndiaye, Klein, Cuturi, Ablin. "Careful with that Scalpel:
