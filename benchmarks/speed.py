@@ -275,16 +275,24 @@ def optimizer_step(sizes, leaf_counts, rounds, inner):
 
 # ---------------------------------------------------------------- aggregators
 
+# (label, factory name, keyword arguments). Krum needs K >= 3 and CR-MOGM wraps
+# another aggregator (its cost is that one's): neither is in the table.
 AGGREGATOR_VARIANTS = [
-  ("mean", {}),
-  ("mgda", {}),
-  ("pcgrad", {}),
-  ("cagrad", {}),
-  ("imtl_g", {}),
-  ("aligned_mtl", {}),
-  ("upgrad", {}),
-  ("mgda", {"ema_decay": 0.99}),
-  ("upgrad", {"ema_decay": 0.99}),
+  ("mean", "mean", {}),
+  ("mgda", "mgda", {}),
+  ("pcgrad", "pcgrad", {}),
+  ("cagrad", "cagrad", {}),
+  ("imtl_g", "imtl_g", {}),
+  ("aligned_mtl", "aligned_mtl", {}),
+  ("upgrad", "upgrad", {}),
+  ("dualproj", "dualproj", {}),
+  ("config", "config", {}),
+  ("nash_mtl", "nash_mtl", {}),
+  ("fairgrad", "fairgrad", {"alpha": 2.0}),
+  ("gradvac", "gradvac", {}),
+  ("mgda(EMA)", "mgda", {"ema_decay": 0.99}),
+  ("upgrad(EMA)", "upgrad", {"ema_decay": 0.99}),
+  ("moco (tracking 0.9)", "moco", {}),
 ]
 
 
@@ -298,8 +306,7 @@ def _aggregator_step_at(k, n, rounds, inner):
   count = sum(x.size for x in jax.tree.leaves(params))
   grads = tuple(_params(n, seed=1 + i) for i in range(k))
   fns, stats = {}, {}
-  for name, kwargs in AGGREGATOR_VARIANTS:
-    label = name + ("(EMA)" if kwargs else "")
+  for label, name, kwargs in AGGREGATOR_VARIANTS:
     tx = optax.chain(getattr(aggregators, name)(k, **kwargs), optax.adam(1e-3))
 
     def step(p, s, g, tx=tx):
@@ -365,8 +372,9 @@ def _many_objectives_at(k, n, rounds, inner):
     "upgrad": aggregators.upgrad_weights,
   }
   fns, compile_seconds, rule_seconds = {}, {}, {}
-  for name, kwargs in AGGREGATOR_VARIANTS:
-    label = name + ("(EMA)" if kwargs else "")
+  for label, name, kwargs in AGGREGATOR_VARIANTS:
+    if name not in rules:  # this table covers the first seven rules
+      continue
     tx = optax.chain(getattr(aggregators, name)(k, **kwargs), optax.adam(1e-3))
 
     def step(p, s, g, tx=tx):
