@@ -888,3 +888,25 @@ def test_moco_without_ema_decay_raises():
     agg.moco(2, ema_decay=None)
   with pytest.raises(ValueError, match="step_size"):
     agg.moco(2, step_size=0.0)
+
+
+def test_nash_mtl_fairgrad_and_moco_are_permutation_equivariant():
+  """Relabelling the objectives relabels the weights (and MoCo's step)."""
+  rng = np.random.default_rng(20)
+  rules = {
+    "nash_mtl": jax.jit(lambda g, w: agg.nash_mtl_weights(g)),
+    "fairgrad": jax.jit(lambda g, w: agg.fairgrad_weights(g, 2.0)),
+    "moco": jax.jit(lambda g, w: agg.moco_weights(g, w, 0.3, 0.1)),
+  }
+  with enable_x64():
+    for _ in range(3):
+      jac = rng.standard_normal((5, 4)) * rng.uniform(0.1, 10, size=(5, 1))
+      lam = rng.dirichlet(np.ones(5))
+      perm = rng.permutation(5)
+      gram = jnp.asarray(jac @ jac.T)
+      for name, rule in rules.items():
+        w = np.asarray(rule(gram, jnp.asarray(lam)))
+        permuted = rule(gram[perm][:, perm], jnp.asarray(lam[perm]))
+        np.testing.assert_allclose(
+          np.asarray(permuted), w[perm], rtol=1e-9, atol=1e-12, err_msg=name
+        )
