@@ -745,7 +745,10 @@ def test_the_newton_budget_leaves_a_margin():
       return np.asarray(rule(jnp.asarray(np.stack(grams), dtype), alphas.astype(dtype)))
 
   full_steps = agg_impl.FAIR_NEWTON_STEPS
-  for dtype, tol in [(jnp.float32, 1e-5), (jnp.float64, 1e-10)]:
+  # float32: once converged, the iterates of the ridge-degenerate problems (K > P,
+  # alpha = 5: weights ~1e5 on a system with condition ~1e10) still move by up to
+  # 3e-5 of the largest weight from step to step; unconverged ones differ by 0.1.
+  for dtype, tol in [(jnp.float32, 1e-4), (jnp.float64, 1e-10)]:
     with enable_x64():
       for k, grams in batches.items():
         full = run(full_steps, dtype, grams)  # [batch, alpha, K]
