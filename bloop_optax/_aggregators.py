@@ -635,7 +635,9 @@ def _aggregator(
   # ``rule(gram, log2_scale, key, rule_state) -> (weights, rule_state)``: ``gram``
   # is the Gram matrix divided by ``4**log2_scale``; ``key`` a fresh subkey for
   # a random rule (else None); ``rule_state`` the rule's own state (GradVac's
-  # cosine targets), None for a rule without one.
+  # cosine targets, MoCo's weights), None for a rule without one.
+  # ``apply_to_emas``: the weights combine the EMAs, not the current gradients
+  # (MoCo's direction from its tracked gradients).
   k = _check_count(num_objectives, api)
   _check_ema(ema_decay, api)
   acc = None if accumulator_dtype is None else jnp.dtype(accumulator_dtype)
