@@ -226,6 +226,15 @@ def dualproj_weights(gram: jax.Array) -> jax.Array:
   return _onto_dual_cone(g, jnp.full([k], 1 / k, g.dtype))
 
 
+def _cosines(g: jax.Array) -> tuple[jax.Array, jax.Array, jax.Array]:
+  """The cosine matrix of the vectors whose Gram matrix is ``g``, the inverse
+  norms and which vectors are nonzero (a zero vector: cosines and inverse 0)."""
+  norms = jnp.sqrt(jnp.maximum(jnp.diag(g), 0))
+  live = norms > 0
+  inv = jnp.where(live, 1 / jnp.where(live, norms, 1), 0)
+  return g * inv[:, None] * inv[None, :], inv, live
+
+
 def config_weights(gram: jax.Array) -> jax.Array:
   r"""ConFIG: one direction with the same cosine to every gradient.
 
@@ -241,10 +250,7 @@ def config_weights(gram: jax.Array) -> jax.Array:
   """
   g = _normalized(gram)
   k = g.shape[0]
-  norms = jnp.sqrt(jnp.maximum(jnp.diag(g), 0))
-  live = norms > 0
-  inv = jnp.where(live, 1 / jnp.where(live, norms, 1), 0)
-  cosines = g * inv[:, None] * inv[None, :]
+  cosines, inv, live = _cosines(g)
   a = inv * (_qp.pinv_symmetric(cosines) @ jnp.where(live, 1.0, 0.0).astype(g.dtype))
   length2 = a @ g @ a
   positive = length2 > jnp.finfo(g.dtype).eps * jnp.max(jnp.diag(g)) * k
@@ -402,10 +408,7 @@ def _nash_mtl(gram: jax.Array, max_norm: Any, ridge: Any) -> jax.Array:
   k = gram.shape[0]
   dtype = gram.dtype
   g = _normalized(gram)
-  norms = jnp.sqrt(jnp.maximum(jnp.diag(g), 0))
-  live = norms > 0
-  inv = jnp.where(live, 1 / jnp.where(live, norms, 1), 0)
-  cosines = g * inv[:, None] * inv[None, :]
+  cosines, inv, live = _cosines(g)
   a = cosines + jnp.asarray(ridge, dtype) * jnp.eye(k, dtype=dtype)
   unit = _alpha_fair(a, jnp.ones([], dtype))
   unit = jnp.where(live, unit, 0)
