@@ -52,6 +52,9 @@ autosummary_generate = True
 autodoc_typehints = "description"
 autodoc_typehints_description_target = "documented"
 autodoc_typehints_format = "short"
+# The package has no type comments; Sphinx's parser of them misreads the raw
+# docstrings' backslashes on Python 3.13 and drops those signatures.
+autodoc_use_type_comments = False
 autodoc_type_aliases = {"ScalarOrSchedule": "optax.ScalarOrSchedule", "PyTree": "PyTree"}
 add_module_names = False
 toc_object_entries_show_parents = "hide"

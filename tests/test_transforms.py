@@ -389,8 +389,10 @@ def test_cosine_is_opt_in():
   d_off, s_off = run(bloop_optax.bloop(0.5), mains, auxs, zeros_params())
   d_on, s_on = run(bloop_optax.bloop(0.5, track_cosine=True), mains, auxs, zeros_params())
   assert s_off.cos_main_aux is None and s_on.cos_main_aux.shape == (3,)
+  # The flag changes nothing else, to rounding: the two programs fuse differently
+  # (one float32 ulp apart in a few entries with some XLA versions).
   for got, want in zip(steps_of(d_off), steps_of(d_on), strict=True):
-    np.testing.assert_array_equal(got, want)  # the flag changes nothing else
+    np.testing.assert_allclose(got, want, rtol=2e-7, atol=1e-7)
 
 
 def test_accumulator_dtype_option():
