@@ -68,11 +68,10 @@ def multi_steps(
     (Array([0., 0.], dtype=float32), Array([-1., -1.], dtype=float32))
   """
   api = "multi_steps"
-  if not isinstance(every_k, int) or isinstance(every_k, bool) or every_k < 1:
-    raise ValueError(f"{api}: expected every_k to be a Python int >= 1; got {every_k!r}.")
+  _checks.check_int(every_k, "every_k", api, "an int >= 1", lambda v: v >= 1)
 
   def init_fn(params: PyTree) -> MultiStepsState:
-    _checks.check_params(params, api)
+    params = _checks.check_params(params, api)
     return MultiStepsState(
       mini_step=jnp.zeros([], jnp.int32),
       gradient_step=jnp.zeros([], jnp.int32),

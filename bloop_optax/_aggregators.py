@@ -286,12 +286,10 @@ def krum_weights(gram: jax.Array, n_byzantine: int = 0, n_selected: int = 1) -> 
 
 
 def _check_krum(k: int, n_byzantine: Any, n_selected: Any, api: str) -> None:
-  if not isinstance(n_byzantine, numbers.Integral) or n_byzantine < 0:
-    raise ValueError(f"{api}: expected n_byzantine to be an int >= 0; got {n_byzantine!r}.")
-  if not isinstance(n_selected, numbers.Integral) or not 1 <= n_selected <= k:
-    raise ValueError(
-      f"{api}: expected n_selected to be an int in [1, K] (K = {k}); got {n_selected!r}."
-    )
+  _checks.check_int(n_byzantine, "n_byzantine", api, "an int >= 0", lambda v: v >= 0)
+  _checks.check_int(
+    n_selected, "n_selected", api, f"an int in [1, K] (K = {k})", lambda v: 1 <= v <= k
+  )
   if k < n_byzantine + 3:
     raise ValueError(
       f"{api}: Krum needs K >= n_byzantine + 3 gradients (each score sums the distances to"
@@ -577,17 +575,24 @@ class AggregatorState(NamedTuple):
 
 
 def _check_count(num_objectives: Any, api: str) -> int:
-  if not isinstance(num_objectives, numbers.Integral) or num_objectives < 1:
-    raise ValueError(
-      f"{api}: expected num_objectives to be an int >= 1 (the length of the tuple of"
-      f" gradients that update takes); got {num_objectives!r}."
-    )
-  return int(num_objectives)
+  return _checks.check_int(
+    num_objectives,
+    "num_objectives",
+    api,
+    "an int >= 1 (the length of the tuple of gradients that update takes)",
+    lambda v: v >= 1,
+  )
 
 
 def _check_key(key: Any, api: str) -> None:
-  if key is None:
-    raise TypeError(f"{api}: expected key to be a PRNG key or an int seed; got None.")
+  is_seed = isinstance(key, numbers.Integral) and not isinstance(key, bool)
+  dtype = getattr(key, "dtype", None)
+  is_key = dtype is not None and (
+    jnp.issubdtype(dtype, jax.dtypes.prng_key) or jnp.issubdtype(dtype, jnp.integer)
+  )
+  if not (is_seed or is_key):
+    got = "None" if key is None else f"{type(key).__name__} {key!r}"[:80]
+    raise TypeError(f"{api}: expected key to be a PRNG key or an int seed; got {got}.")
 
 
 def _check_ema(ema_decay: Any, api: str) -> None:
@@ -654,7 +659,7 @@ def _aggregator(
     key = jax.random.PRNGKey(key)
 
   def init_fn(params: PyTree) -> AggregatorState:
-    _checks.check_params(params, api)
+    params = _checks.check_params(params, api)
     emas = None
     if ema_decay is not None:
       emas = tuple(tm.zeros_accumulator(params, acc) for _ in range(k))
@@ -760,7 +765,7 @@ def mean(num_objectives: int) -> optax.GradientTransformationExtraArgs:
   k = _check_count(num_objectives, api)
 
   def init_fn(params):
-    _checks.check_params(params, api)
+    params = _checks.check_params(params, api)
     del params
     return optax.EmptyState()
 
@@ -910,8 +915,7 @@ def cagrad(
     Multi-task Learning", NeurIPS 2021.
   """
   api = "aggregators.cagrad"
-  if isinstance(c, numbers.Real) and not (math.isfinite(c) and c >= 0):
-    raise ValueError(f"{api}: expected c to be a finite number >= 0; got {c!r}.")
+  _checks.check_number(c, "c", api, "a finite number >= 0", lambda v: math.isfinite(v) and v >= 0)
   rule = _no_key(lambda gram: cagrad_weights(gram, c))
   return _aggregator(api, num_objectives, rule, ema_decay, accumulator_dtype)
 
@@ -1212,7 +1216,11 @@ def constant(weights: jax.typing.ArrayLike) -> optax.GradientTransformationExtra
   """
   api = "aggregators.constant"
   values = np.asarray(weights)
-  if values.ndim != 1 or values.size < 1 or not np.issubdtype(values.dtype, np.number):
+  if not np.issubdtype(values.dtype, np.number) or np.issubdtype(values.dtype, np.bool_):
+    raise TypeError(
+      f"{api}: expected weights to be a 1-d sequence of K >= 1 numbers; got {weights!r}."
+    )
+  if values.ndim != 1 or values.size < 1:
     raise ValueError(
       f"{api}: expected weights to be a 1-d sequence of K >= 1 numbers; got {weights!r}."
     )
@@ -1220,15 +1228,6 @@ def constant(weights: jax.typing.ArrayLike) -> optax.GradientTransformationExtra
     raise ValueError(f"{api}: expected finite weights; got {weights!r}.")
   rule = _no_key(lambda gram: constant_weights(gram, values))
   return _aggregator(api, int(values.size), rule, None, None)
-
-
-def _check_number(value: Any, name: str, api: str, expected: str, ok: Callable) -> None:
-  """A Python number must satisfy ``ok``; arrays (``optax.inject_hyperparams``
-  passes them, possibly traced) are taken as given."""
-  if isinstance(value, numbers.Real) and not ok(value):
-    raise ValueError(f"{api}: expected {name} to be {expected}; got {value!r}.")
-  if not isinstance(value, numbers.Real) and not hasattr(value, "dtype"):
-    raise TypeError(f"{api}: expected {name} to be {expected}; got {value!r}.")
 
 
 def nash_mtl(
@@ -1280,8 +1279,8 @@ def nash_mtl(
   """
   api = "aggregators.nash_mtl"
   if max_norm is not None:
-    _check_number(max_norm, "max_norm", api, "a number > 0 or None", lambda v: v > 0)
-  _check_number(ridge, "ridge", api, "a number >= 0", lambda v: v >= 0)
+    _checks.check_number(max_norm, "max_norm", api, "a number > 0 or None", lambda v: v > 0)
+  _checks.check_number(ridge, "ridge", api, "a number >= 0", lambda v: v >= 0)
   k = _check_count(num_objectives, api)
 
   def rule(gram, log2_scale, key, rule_state):
@@ -1335,8 +1334,8 @@ def fairgrad(
     (arXiv:2402.15638).
   """
   api = "aggregators.fairgrad"
-  _check_number(alpha, "alpha", api, "a number >= 0", lambda v: v >= 0)
-  _check_number(ridge, "ridge", api, "a number >= 0", lambda v: v >= 0)
+  _checks.check_number(alpha, "alpha", api, "a number >= 0", lambda v: v >= 0)
+  _checks.check_number(ridge, "ridge", api, "a number >= 0", lambda v: v >= 0)
 
   def rule(gram, log2_scale, key, rule_state):
     return _fairgrad(gram, alpha, ridge, log2_scale), rule_state
@@ -1393,7 +1392,7 @@ def gradvac(
   api = "aggregators.gradvac"
   k = _check_count(num_objectives, api)
   _check_key(key, api)
-  _check_number(target_decay, "target_decay", api, "in [0, 1]", lambda v: 0 <= v <= 1)
+  _checks.check_number(target_decay, "target_decay", api, "in [0, 1]", lambda v: 0 <= v <= 1)
 
   def rule(gram, log2_scale, step_key, targets):
     weights, new = gradvac_weights(gram, targets, _orders(step_key, k), target_decay)
@@ -1454,12 +1453,12 @@ def moco(
   api = "aggregators.moco"
   k = _check_count(num_objectives, api)
   if ema_decay is None:
-    raise ValueError(
+    raise TypeError(
       f"{api}: expected ema_decay to be a number in [0, 1] (MoCo tracks the gradients;"
       " 0 tracks nothing); got None."
     )
-  _check_number(step_size, "step_size", api, "a number > 0", lambda v: v > 0)
-  _check_number(rho, "rho", api, "a number >= 0", lambda v: v >= 0)
+  _checks.check_number(step_size, "step_size", api, "a number > 0", lambda v: v > 0)
+  _checks.check_number(rho, "rho", api, "a number >= 0", lambda v: v >= 0)
 
   def rule(gram, log2_scale, key, weights):
     new = moco_weights(gram, weights, step_size, rho)
@@ -1535,7 +1534,7 @@ def cr_mogm(
       f"{api}: expected inner to be an aggregator of bloop_optax.aggregators (an optax"
       f" GradientTransformation); got {type(inner).__name__}."
     )
-  _check_number(decay, "decay", api, "in [0, 1]", lambda v: 0 <= v <= 1)
+  _checks.check_number(decay, "decay", api, "in [0, 1]", lambda v: 0 <= v <= 1)
   inner = optax.with_extra_args_support(inner)
 
   def init_fn(params):

@@ -72,7 +72,7 @@ def mixed(aux_weight: _checks.ScalarOrSchedule) -> optax.GradientTransformationE
   _checks.check_aux_weight(aux_weight, api)
 
   def init_fn(params: PyTree) -> MixedState:
-    _checks.check_params(params, api)
+    params = _checks.check_params(params, api)
     del params
     return MixedState(steps=jnp.zeros([], jnp.int32))
 
@@ -101,7 +101,7 @@ def _no_ema_surgery(
   _checks.check_aux_weight(aux_weight, api)
 
   def init_fn(params: PyTree) -> SurgeryState:
-    _checks.check_params(params, api)
+    params = _checks.check_params(params, api)
     del params
     zero = jnp.zeros([], jnp.float32)
     return SurgeryState(steps=jnp.zeros([], jnp.int32), cos_main_aux=zero, proj_coef=zero)

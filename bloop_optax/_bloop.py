@@ -140,7 +140,7 @@ def bloop(
   update_first = ema_order == "update_first"
 
   def init_fn(params: PyTree) -> BloopState:
-    _checks.check_params(params, api)
+    params = _checks.check_params(params, api)
     return BloopState(
       steps=jnp.zeros([], jnp.int32),
       skipped_steps=jnp.zeros([], jnp.int32),

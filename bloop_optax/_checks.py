@@ -8,6 +8,7 @@ from typing import Any
 import jax
 import jax.numpy as jnp
 import numpy as np
+import optax
 
 from bloop_optax import _pair
 
@@ -15,26 +16,85 @@ PyTree = Any
 ScalarOrSchedule = jax.typing.ArrayLike | Callable[[jax.Array], jax.Array]
 
 
-def check_aux_weight(aux_weight: ScalarOrSchedule, api: str) -> None:
-  if callable(aux_weight):
+def _is_number_like(value: Any) -> bool:
+  """A real Python or NumPy number, or an array of a numeric dtype (what
+  ``optax.inject_hyperparams`` passes, possibly traced)."""
+  if isinstance(value, (bool, np.bool_)):
+    return False
+  if isinstance(value, numbers.Real):
+    return True
+  dtype = getattr(value, "dtype", None)
+  if dtype is None:
+    return False
+  try:
+    return bool(jnp.issubdtype(dtype, jnp.number))
+  except TypeError:
+    return False
+
+
+def check_number(
+  value: Any,
+  name: str,
+  api: str,
+  expected: str,
+  ok: Callable[[float], bool] | None = None,
+  *,
+  schedule: bool = False,
+  optional: bool = False,
+) -> None:
+  """Raises TypeError unless ``value`` is a number (or a numeric array; a
+  callable where ``schedule``; ``None`` where ``optional``), and ValueError
+  when a Python number fails ``ok``.
+
+  Arrays are taken as given: ``optax.inject_hyperparams`` passes them, possibly
+  traced, so their values cannot be checked here.
+  """
+  if (optional and value is None) or (schedule and callable(value)):
     return
-  if isinstance(aux_weight, numbers.Real) and not (math.isfinite(aux_weight) and aux_weight >= 0):
-    raise ValueError(
-      f"{api}: expected aux_weight to be a finite number >= 0 (or an array,"
-      f" or a schedule); got {aux_weight!r}."
+  if not _is_number_like(value):
+    got = "None" if value is None else f"{type(value).__name__} {value!r}"[:80]
+    also = (", or a schedule (a callable of the step count)" if schedule else "") + (
+      ", or None" if optional else ""
     )
+    hint = " Pass a number, not a string." if isinstance(value, str) else ""
+    raise TypeError(f"{api}: expected {name} to be {expected}{also}; got {got}.{hint}")
+  if isinstance(value, numbers.Real) and ok is not None and not ok(value):
+    raise ValueError(f"{api}: expected {name} to be {expected}; got {value!r}.")
 
 
-def check_ema_decay(ema_decay: jax.typing.ArrayLike, api: str) -> None:
+def check_int(value: Any, name: str, api: str, expected: str, ok: Callable[[int], bool]) -> int:
+  """A Python int satisfying ``ok``: TypeError for any other type (bools and
+  floats included), ValueError for an int that fails ``ok``."""
+  if isinstance(value, bool) or not isinstance(value, numbers.Integral):
+    got = "None" if value is None else f"{type(value).__name__} {value!r}"[:80]
+    raise TypeError(f"{api}: expected {name} to be {expected} (a Python int); got {got}.")
+  if not ok(int(value)):
+    raise ValueError(f"{api}: expected {name} to be {expected}; got {value!r}.")
+  return int(value)
+
+
+def check_aux_weight(aux_weight: ScalarOrSchedule, api: str, name: str = "aux_weight") -> None:
+  check_number(
+    aux_weight,
+    name,
+    api,
+    "a finite number >= 0 (or an array)",
+    lambda v: math.isfinite(v) and v >= 0,
+    schedule=True,
+  )
+
+
+def check_ema_decay(ema_decay: jax.typing.ArrayLike, api: str, name: str = "ema_decay") -> None:
   if callable(ema_decay):
     raise TypeError(
-      f"{api}: expected ema_decay to be a number or an array in [0, 1]; got"
+      f"{api}: expected {name} to be a number or an array in [0, 1]; got"
       " a callable. To schedule it, wrap the factory in"
       " optax.inject_hyperparams."
     )
+  check_number(ema_decay, name, api, "a number in [0, 1] (or an array)")
   if isinstance(ema_decay, numbers.Real) and not 0 <= ema_decay <= 1:
     raise ValueError(
-      f"{api}: expected ema_decay in [0, 1], the weight on the OLD average"
+      f"{api}: expected {name} in [0, 1], the weight on the OLD average"
       " as in optax.ema (the paper's EMA rate is rho = 1 - ema_decay, so its"
       f" default rho = 0.01 is ema_decay = 0.99); got {ema_decay!r}."
     )
@@ -63,16 +123,33 @@ def check_pair(updates: Any, api: str) -> tuple[PyTree, PyTree]:
 def check_against_params(main: PyTree, params: PyTree, api: str) -> None:
   _pair.check_same_layout(
     main,
-    params,
+    model_params(params),
     api,
     "main_grads",
     "the params given to init",
-    "Call init with the params whose gradients you pass to update.",
+    "Call init with the params whose gradients you pass to update. If an optimizer"
+    " after the surgery keeps its own structure of the params (optax.lookahead's"
+    " LookaheadParams are understood), place that optimizer around the chain instead.",
   )
 
 
-def check_params(params: PyTree, api: str) -> None:
-  """Raises TypeError naming the first leaf of ``params`` that is not an array."""
+def model_params(params: PyTree) -> PyTree:
+  """The model's params inside an optimizer's own wrapper of them.
+
+  ``optax.lookahead`` placed after the surgery makes a chain's ``init`` and
+  ``update`` receive ``optax.LookaheadParams(fast, slow)``; the gradients are
+  shaped like ``fast``, the params being trained.
+  """
+  lookahead = getattr(optax, "LookaheadParams", None)
+  if lookahead is not None and isinstance(params, lookahead):
+    return params.fast
+  return params
+
+
+def check_params(params: PyTree, api: str) -> PyTree:
+  """The params whose gradients the transform takes (see :func:`model_params`);
+  raises TypeError naming the first leaf that is not an array."""
+  params = model_params(params)
   for path, leaf in jax.tree_util.tree_flatten_with_path(params)[0]:
     if isinstance(leaf, (jax.Array, np.ndarray, np.generic, numbers.Number)) or (
       hasattr(leaf, "shape") and hasattr(leaf, "dtype")
@@ -86,3 +163,4 @@ def check_params(params: PyTree, api: str) -> None:
       " params given to update); for Flax NNX, nnx.state(model, nnx.Param), as"
       " nnx.Optimizer does."
     )
+  return params

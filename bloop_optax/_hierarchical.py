@@ -91,14 +91,14 @@ def hierarchical_bloop(
     )
   if not aux_weights:
     raise ValueError(f"{api}: expected at least one aux weight; got an empty sequence.")
-  for weight in aux_weights:
-    _checks.check_aux_weight(weight, api)
+  for i, weight in enumerate(aux_weights):
+    _checks.check_aux_weight(weight, api, f"aux_weights[{i}]")
   _checks.check_ema_decay(ema_decay, api)
   levels = len(aux_weights)  # K; EMAs are kept for levels 0 .. K-1
   acc = None if accumulator_dtype is None else jnp.dtype(accumulator_dtype)
 
   def init_fn(params):
-    _checks.check_params(params, api)
+    params = _checks.check_params(params, api)
     zeros = lambda: tm.zeros_accumulator(params, acc)
     return HierarchicalBloopState(
       steps=jnp.zeros([], jnp.int32),

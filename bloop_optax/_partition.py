@@ -101,7 +101,7 @@ def partition(
   def init_fn(params):
     if _is_placeholder(params):  # optax.tree.map_params: every group holds the params
       return PartitionState(inner_states={k: tx.init(params) for k, tx in transforms.items()})
-    _checks.check_params(params, api)
+    params = _checks.check_params(params, api)
     labels = labels_for(params)
     return PartitionState(
       inner_states={k: tx.init(mask(params, labels, k)) for k, tx in transforms.items()}
@@ -109,6 +109,7 @@ def partition(
 
   def update_fn(updates, state, params=None, **extra):
     main, aux = _checks.check_pair(updates, api)
+    params = None if params is None else _checks.model_params(params)
     labels = labels_for(main if params is None else params)
     label_leaves, treedef = jax.tree.flatten(labels)
     pieces, inner_states = {}, {}

@@ -225,3 +225,40 @@ def test_converges_with_a_decaying_step(case):
     np.testing.assert_allclose(theta, TARGETS.mean(0), atol=1e-3)
   else:
     assert _distance_to_hull(theta, TARGETS[: case.n]) < 2e-2, theta
+
+
+def _numeric_hyperparameters(case):
+  """``{name: None_allowed}`` for every number-valued argument of the factory:
+  those the catalogue sets and those with a number as default."""
+  import inspect
+
+  out = {}
+  for name, p in inspect.signature(case.factory).parameters.items():
+    value = case.hyper.get(name, p.default)
+    numbers = value if isinstance(value, tuple) else (value,)
+    if numbers and all(isinstance(v, (int, float)) and not isinstance(v, bool) for v in numbers):
+      out[name] = p.default is None or "None" in str(p.annotation)
+  return out
+
+
+FACTORY_CASES = [c for c in CASES if c.factory is not None]
+
+
+@pytest.mark.parametrize("case", FACTORY_CASES, ids=[c.name for c in FACTORY_CASES])
+def test_hyperparameters_of_the_wrong_type_raise_type_error(case):
+  numeric = _numeric_hyperparameters(case)
+  assert numeric, "every factory takes a number somewhere"
+  for name, none_allowed in numeric.items():
+    bad = ["0.1"] + ([] if none_allowed else [None])
+    for value in bad:
+      with pytest.raises(TypeError, match=name):
+        case.factory(**{**case.hyper, name: value})
+  case.factory(**case.hyper)  # the catalogue's values are accepted
+
+
+@pytest.mark.parametrize("bad", ["2", None, 2.0])
+def test_multi_steps_every_k_of_the_wrong_type_raises_type_error(bad):
+  import bloop_optax
+
+  with pytest.raises(TypeError, match="every_k"):
+    bloop_optax.multi_steps(bloop_optax.bloop(0.1), every_k=bad)

@@ -124,5 +124,5 @@ def test_bad_input():
     bloop_optax.hierarchical_bloop(())
   with pytest.raises(TypeError, match="expected aux_weights to be a sequence"):
     bloop_optax.hierarchical_bloop(0.5)
-  with pytest.raises(ValueError, match=r"aux_weight to be a finite number >= 0.*-1"):
+  with pytest.raises(ValueError, match=r"aux_weights\[1\] to be a finite number >= 0.*-1"):
     bloop_optax.hierarchical_bloop((0.1, -1.0))

@@ -170,6 +170,21 @@ def test_value_and_grads_bad_returns():
     bloop_optax.value_and_grads(lambda w: (w, w), argnums=3)(1.0)
 
 
+@pytest.mark.parametrize("jit", [False, True], ids=["eager", "jit"])
+def test_forgetting_has_aux_names_it(jit):
+  """A Flax-tutorial loss, ((main, aux), logits), without has_aux=True."""
+
+  def loss_fn(w):
+    logits = w * 2.0
+    return (jnp.sum(logits**2), jnp.sum(w)), logits
+
+  grad_fn = bloop_optax.value_and_grads(loss_fn)
+  with pytest.raises(TypeError, match=r"main_loss to be a scalar; got a tuple.*has_aux=True"):
+    (jax.jit(grad_fn) if jit else grad_fn)(jnp.ones(3))
+  (main, _), logits = bloop_optax.value_and_grads(loss_fn, has_aux=True)(jnp.ones(3))[0]
+  assert float(main) == 12.0 and logits.shape == (3,)
+
+
 # ---------------------------------------------------------------- Flax NNX
 
 
@@ -316,7 +331,7 @@ def test_optax_multisteps_around_the_pair_fails_loudly():
 
 
 def test_multi_steps_bad_input():
-  with pytest.raises(ValueError, match=r"expected every_k to be a Python int >= 1; got 0"):
+  with pytest.raises(ValueError, match=r"expected every_k to be an int >= 1; got 0"):
     bloop_optax.multi_steps(optax.sgd(1.0), 0)
   tx = bloop_optax.multi_steps(optax.chain(bloop_optax.bloop(), optax.sgd(1.0)), 2)
   params = init_params()

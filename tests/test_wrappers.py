@@ -168,3 +168,67 @@ def test_apply_every_after_the_surgery():
   directions, _ = run(surgery())
   assert_close(got[0], jax.tree.map(jnp.zeros_like, PARAMS))
   assert_close(got[1], jax.tree.map(lambda a, b: -(a + b), directions[0], directions[1]))
+
+
+# A plain optax transform that receives the pair (placed before the surgery,
+# around it, or given the pair by nnx.Optimizer) fails inside optax, before the
+# package sees anything: optax's own pytree error, which names MainAux.
+@pytest.mark.parametrize(
+  "make",
+  [
+    lambda: optax.chain(optax.adam(1e-2), surgery()),
+    lambda: optax.chain(optax.add_decayed_weights(1e-4), surgery()),
+    lambda: optax.adam(1e-2),
+  ],
+  ids=["adam before the surgery", "add_decayed_weights before the surgery", "adam given the pair"],
+)
+def test_plain_transform_given_the_pair_fails_in_optax(make):
+  with pytest.raises(ValueError, match="MainAux|named tuple"):  # jax < 0.6: "named tuple"
+    run(make())
+
+
+def test_weight_decay_after_the_surgery():
+  got, _ = run(optax.chain(surgery(), optax.add_decayed_weights(1e-2), optax.sgd(0.1)))
+  directions, _ = run(surgery())
+  for u, d in zip(got, directions, strict=True):
+    want = jax.tree.map(lambda x, p: -0.1 * (x + 1e-2 * p), d, PARAMS)
+    assert_close(u, want, rtol=1e-6)
+
+
+def test_nnx_optimizer_takes_the_pair_only_with_the_surgery_in_its_chain():
+  nnx = pytest.importorskip("flax.nnx")
+  model = nnx.Linear(3, 2, rngs=nnx.Rngs(0))
+  main = jax.tree.map(jnp.ones_like, nnx.state(model, nnx.Param))
+  grads = MainAux(main, jax.tree.map(lambda x: -2 * x, main))
+  plain = nnx.Optimizer(model, optax.adam(1e-2), wrt=nnx.Param)
+  with pytest.raises(ValueError):
+    plain.update(model, grads)
+  chained = nnx.Optimizer(model, optax.chain(surgery(), optax.adam(1e-2)), wrt=nnx.Param)
+  before = jax.tree.map(jnp.copy, nnx.state(model, nnx.Param))
+  chained.update(model, grads)
+  moved = jax.tree.map(lambda a, b: float(jnp.max(jnp.abs(a - b))), before, nnx.state(model))
+  assert all(v > 0 for v in jax.tree.leaves(moved))
+
+
+@pytest.mark.parametrize("where", ["after", "around"])
+def test_lookahead_after_or_around_the_surgery(where):
+  """optax.lookahead after the surgery hands the chain LookaheadParams(fast,
+  slow); the surgery's state is shaped like the fast params it trains."""
+  la = lambda inner: optax.lookahead(inner, sync_period=2, slow_step_size=0.5)
+  tx = optax.chain(surgery(), la(optax.adam(1e-2)))
+  if where == "around":
+    tx = la(optax.chain(surgery(), optax.adam(1e-2)))
+  lookahead_params = optax.LookaheadParams.init_synced(PARAMS)
+  state = tx.init(lookahead_params)
+  step = jax.jit(tx.update)
+  # By hand: Bloop's directions, then lookahead(adam) on them.
+  directions, _ = run(surgery(), steps=4)
+  ref, ref_params = la(optax.adam(1e-2)), optax.LookaheadParams.init_synced(PARAMS)
+  ref_state = ref.init(ref_params)
+  for k in range(4):
+    u, state = step(pair(k), state, lookahead_params)
+    lookahead_params = optax.apply_updates(lookahead_params, u)
+    v, ref_state = ref.update(directions[k], ref_state, ref_params)
+    ref_params = optax.apply_updates(ref_params, v)
+  assert_close(lookahead_params, ref_params, rtol=1e-5)
+  assert not np.allclose(lookahead_params.slow["w"], PARAMS["w"])  # two syncs happened
