@@ -41,6 +41,14 @@ def _losses(out: Any, has_aux: bool) -> tuple[jax.Array, ...]:
   auxes = ["aux_loss"] if len(out) == 2 else [f"aux_loss_{k}" for k in range(1, len(out))]
   names = ["main_loss", *auxes]
   for name, loss in zip(names, out, strict=True):
+    if not (hasattr(loss, "shape") or isinstance(loss, (int, float, complex))):
+      hint = (
+        " fun seems to return ((main_loss, aux_loss), aux_data): pass has_aux=True,"
+        " as with jax.value_and_grad."
+        if not has_aux and isinstance(out[0], (tuple, list))
+        else " Return scalar arrays, e.g. jnp.mean(...), one per loss."
+      )
+      raise TypeError(f"{_API}: expected {name} to be a scalar; got {_describe(loss)}.{hint}")
     shape = jnp.shape(loss)
     if shape != ():
       raise TypeError(
@@ -75,6 +83,37 @@ def _is_nnx_graph_object(x: Any) -> bool:
   """An NNX module, Rngs or other graph object (not a bare Variable)."""
   nnx = _nnx()
   return _is_nnx_object(x) and not isinstance(x, nnx.Variable)
+
+
+def _nnx_tree_mode() -> bool:
+  """Whether Flax NNX runs in tree mode (``nnx.set_graph_mode(False)``), where
+  its modules are plain pytrees; flax versions without the switch are graph only."""
+  nnx = _nnx()
+  switch = None if nnx is None else getattr(nnx, "set_graph_mode", None)
+  return switch is not None and not switch.current_value()
+
+
+def _is_diff_state(x: Any) -> bool:
+  nnx = _nnx()
+  return nnx is not None and isinstance(x, getattr(nnx, "DiffState", ()))
+
+
+def _variables(tree: Any) -> list[Any]:
+  """The NNX Variables of a pytree, in flattening order."""
+  variable = _nnx().Variable
+  leaves = jax.tree.leaves(tree, is_leaf=lambda x: isinstance(x, variable))
+  return [x for x in leaves if isinstance(x, variable)]
+
+
+def _get(variable: Any) -> Any:
+  return variable.get_value() if hasattr(variable, "get_value") else variable.value
+
+
+def _set(variable: Any, value: Any) -> None:
+  if hasattr(variable, "set_value"):
+    variable.set_value(value)
+  else:
+    variable.value = value
 
 
 def _holds(tree: Any, predicate: Callable[[Any], bool]) -> bool:
@@ -223,14 +262,27 @@ def value_and_grads(
     Hsieh et al., "Careful with that Scalpel: Improving Gradient Surgery with
     an EMA", ICML 2024 (arXiv:2402.02998).
   """
-  single = isinstance(argnums, int)
-  nums = (argnums,) if single else tuple(argnums)
-  for n in nums:
-    if not isinstance(n, int):
+  single = isinstance(argnums, int) or _is_diff_state(argnums)
+  entries = (argnums,) if single else tuple(argnums)
+  nums, filters = [], {}  # filters: argnum -> the NNX filter a DiffState gave it
+  for entry in entries:
+    if _is_diff_state(entry):
+      if wrt is not None:
+        raise TypeError(
+          f"{_API}: got both wrt= and an nnx.DiffState in argnums; give the filter once,"
+          f" in the DiffState (nnx.DiffState({entry.argnum}, ...)) or in wrt=, not both."
+        )
+      nums.append(entry.argnum)
+      filters[entry.argnum] = entry.filter
+    elif isinstance(entry, int) and not isinstance(entry, bool):
+      nums.append(entry)
+    else:
       raise TypeError(
-        f"{_API}: expected argnums to be an int or a sequence of ints; got {argnums!r}."
-        " For Flax NNX, choose the differentiated state with wrt=, e.g. wrt=nnx.Param."
+        f"{_API}: expected argnums to be an int, an nnx.DiffState or a sequence of them;"
+        f" got {argnums!r}. For Flax NNX, choose the differentiated state with wrt=,"
+        " e.g. wrt=nnx.Param, or nnx.DiffState(argnum, filter) as for nnx.grad."
       )
+  nums = tuple(nums)
 
   def check_has_aux(out: Any) -> tuple[Any, Any]:
     if has_aux and not (isinstance(out, (tuple, list)) and len(out) == 2):
@@ -257,17 +309,32 @@ def value_and_grads(
           f" {n}; got {len(args)} positional argument(s)."
         )
     nums_pos = tuple(n % len(args) for n in nums)
-    if _holds((args, kwargs), _is_nnx_object):
-      return _nnx_call(fun, args, kwargs, nums_pos, single, wrt, check_has_aux, package)
-    if wrt is not None:
+    holds_nnx = _holds((args, kwargs), _is_nnx_object)
+    tree_mode = holds_nnx and _nnx_tree_mode()
+    if holds_nnx and not tree_mode:
+      arg_filters = {
+        n % len(args): filters.get(n, wrt if wrt is not None else _nnx().Param) for n in nums
+      }
+      return _nnx_call(fun, args, kwargs, nums_pos, single, arg_filters, check_has_aux, package)
+    if wrt is not None or filters:
+      given = "wrt=" if wrt is not None else "an nnx.DiffState in argnums"
       raise TypeError(
-        f"{_API}: wrt= selects Flax NNX state, but no argument holds a Flax NNX"
-        " object. Drop wrt=, or pass the nnx.Module."
+        f"{_API}: {given} selects Flax NNX state, but "
+        + (
+          "Flax NNX is in tree mode (nnx.set_graph_mode(False)), where, as with"
+          " nnx.value_and_grad, a module is a pytree and every float leaf is"
+          " differentiated. Drop it, or differentiate nnx.state(model, filter) (or run"
+          " in graph mode)."
+          if tree_mode
+          else "no argument holds a Flax NNX object. Drop it, or pass the nnx.Module."
+        )
       )
     eqx_module = _eqx_module_type()
     filtered = {}
     for n in nums_pos:
-      if eqx_module is not None and _holds(args[n], lambda x: isinstance(x, eqx_module)):
+      if (eqx_module is not None and _holds(args[n], lambda x: isinstance(x, eqx_module))) or (
+        tree_mode and _holds(args[n], _is_nnx_object)
+      ):
         filtered[n] = _Filtered(args[n])
       else:
         _check_differentiable(args[n], f"argument {n} (in argnums)")
@@ -280,10 +347,17 @@ def value_and_grads(
       full_args = list(full_args)
       for n, value in zip(nums_pos, diff_args, strict=True):
         full_args[n] = filtered[n].combine(value) if n in filtered else value
-      return check_has_aux(fun(*full_args, **full_kwargs))
+      losses, data = check_has_aux(fun(*full_args, **full_kwargs))
+      if tree_mode:  # the Variables' values after the forward pass, to write back
+        data = (data, [_get(v) for v in _variables((full_args, full_kwargs))])
+      return losses, data
 
     diff = tuple(filtered[n].diff if n in filtered else args[n] for n in nums_pos)
     losses, grads, data = _one_forward(restricted, diff)
+    if tree_mode:
+      data, values = data
+      for variable, value in zip(_variables((args, kwargs)), values, strict=True):
+        _set(variable, value)
     grads = [
       tuple(
         filtered[n].grads(g_n) if n in filtered else g_n for n, g_n in zip(nums_pos, g, strict=True)
@@ -295,11 +369,12 @@ def value_and_grads(
   return wrapped
 
 
-def _nnx_call(fun, args, kwargs, nums_pos, single, wrt, check_has_aux, package):
-  """``value_and_grads`` when an argument holds Flax NNX objects."""
+def _nnx_call(fun, args, kwargs, nums_pos, single, arg_filters, check_has_aux, package):
+  """``value_and_grads`` when an argument holds Flax NNX objects (graph mode);
+  ``arg_filters`` maps each differentiated argument to the filter of its state."""
   nnx = _nnx()
   filterlib = sys.modules["flax.nnx.filterlib"]
-  keep = filterlib.to_predicate(nnx.Param if wrt is None else wrt)
+  keeps = {n: filterlib.to_predicate(f) for n, f in arg_filters.items()}
   arg_flat = [jax.tree.flatten(a, is_leaf=_is_nnx_object) for a in args]
   kw_flat, kw_def = jax.tree.flatten(kwargs, is_leaf=_is_nnx_object)
   # Every NNX object of every argument, split together (shared references
@@ -315,10 +390,11 @@ def _nnx_call(fun, args, kwargs, nums_pos, single, wrt, check_has_aux, package):
     if _is_nnx_object(leaf):
       where[("kw", j)] = len(nodes)
       nodes.append(leaf)
-  n_diff_nodes = sum(1 for (i, _) in where if i in nums_pos)
+  node_arg = {k: i for (i, _), k in where.items()}  # node index -> its argument
 
   def is_diff(path, value):
-    return path[0] < n_diff_nodes and keep(path[1:], value)
+    n = node_arg[path[0]]
+    return n in keeps and keeps[n](path[1:], value)
 
   graphdef, diff_state, rest_state = nnx.split(tuple(nodes), is_diff, ...)
   plain = {}  # the non-NNX leaves of the differentiated arguments
