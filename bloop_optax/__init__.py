@@ -21,6 +21,8 @@ from bloop_optax._hierarchical import hierarchical_bloop
 from bloop_optax._pair import MainAux
 from bloop_optax._partition import PartitionState
 from bloop_optax._partition import partition
+from bloop_optax._pcd import PCDNorms
+from bloop_optax._pcd import pcd
 from bloop_optax._tree_math import tree_dot
 from bloop_optax._tree_math import tree_dots
 
@@ -32,6 +34,7 @@ __all__ = (
   "MainAux",
   "MixedState",
   "MultiStepsState",
+  "PCDNorms",
   "PartitionState",
   "SurgeryState",
   "bloop",
@@ -40,6 +43,7 @@ __all__ = (
   "mixed",
   "multi_steps",
   "partition",
+  "pcd",
   "pcgrad",
   "tree_dot",
   "tree_dots",

@@ -67,7 +67,12 @@ def check_int(value: Any, name: str, api: str, expected: str, ok: Callable[[int]
   floats included), ValueError for an int that fails ``ok``."""
   if isinstance(value, bool) or not isinstance(value, numbers.Integral):
     got = "None" if value is None else f"{type(value).__name__} {value!r}"[:80]
-    raise TypeError(f"{api}: expected {name} to be {expected} (a Python int); got {got}.")
+    hint = (
+      f" Under optax.inject_hyperparams, name it in static_args=({name!r},)."
+      if hasattr(value, "dtype")
+      else ""
+    )
+    raise TypeError(f"{api}: expected {name} to be {expected} (a Python int); got {got}.{hint}")
   if not ok(int(value)):
     raise ValueError(f"{api}: expected {name} to be {expected}; got {value!r}.")
   return int(value)

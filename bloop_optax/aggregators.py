@@ -65,6 +65,7 @@ from bloop_optax._aggregators import random
 from bloop_optax._aggregators import random_weights
 from bloop_optax._aggregators import upgrad
 from bloop_optax._aggregators import upgrad_weights
+from bloop_optax._pcd import pcd_weights
 
 __all__ = (
   "AggregatorState",
@@ -96,6 +97,7 @@ __all__ = (
   "moco_weights",
   "nash_mtl",
   "nash_mtl_weights",
+  "pcd_weights",
   "pcgrad",
   "pcgrad_weights",
   "random",

@@ -63,6 +63,22 @@ def _cases() -> list[Case]:
       ("aux_weights",),
     ),
     Case(
+      "pcd",
+      lambda: bloop_optax.pcd(0.3),
+      2,
+      bloop_optax.pcd,
+      {"tau": 0.3},
+      ("num_objectives",),
+    ),
+    Case(
+      "pcd_3_ema",
+      lambda: bloop_optax.pcd((0.3, 0.1), num_objectives=3, ema_decay=0.9),
+      3,
+      bloop_optax.pcd,
+      {"tau": (0.3, 0.1), "num_objectives": 3, "ema_decay": 0.9},
+      ("num_objectives", "tau"),
+    ),
+    Case(
       "multi_steps",
       lambda: bloop_optax.multi_steps(bloop_optax.bloop(0.3, 0.9), every_k=2),
       2,
