@@ -9,7 +9,7 @@ environment:
 
   python3 -m venv .venv-torchjd
   .venv-torchjd/bin/pip install -e . torch ecos \
-    "torchjd[quadprog_projector,cagrad,nash_mtl,fairgrad]==0.18.0"
+    "torchjd[full]==0.18.0"
   .venv-torchjd/bin/python -m benchmarks.torchjd_compare
 
 Two TorchJD settings are compared: its defaults (MGDA's Frank-Wolfe stops at a
@@ -33,7 +33,11 @@ generator and is not compared. CR-MOGM wraps UPGrad (decay 0.5): our transform,
 its state carried over each shape's matrices, against TorchJD's ``CRMOGMWeighting``
 of ``UPGradWeighting`` (default and exact projector), on matrices from a
 second generator so the other rules' matrices do not change; it has no exact
-column (the weights depend on the history). MoCo is not in TorchJD.
+column (the weights depend on the history). PCD (Priority-Constrained Descent,
+tau 0.3, the first row primary) is stateful too: ``bloop_optax.pcd`` with its
+state carried over each shape's matrices, against TorchJD's ``PCD`` and
+against the brute-force reference ``tests/reference_pcd.py`` with the same
+history, on matrices from a third generator. MoCo is not in TorchJD.
 
 For K <= 5 both are also measured against the exact answer of the test
 suite's NumPy reference (``tests/reference_mtl.py``, which enumerates every
@@ -52,8 +56,10 @@ jax.config.update("jax_enable_x64", True)
 import jax.numpy as jnp  # noqa: E402
 import numpy as np  # noqa: E402
 
+import bloop_optax  # noqa: E402
 from bloop_optax import aggregators as agg  # noqa: E402
 from tests import reference_mtl  # noqa: E402
+from tests import reference_pcd  # noqa: E402
 
 SHAPES = [(2, 10), (3, 2), (3, 50), (5, 4), (5, 100), (8, 6), (8, 1000)]
 
@@ -80,6 +86,7 @@ def torchjd_aggregators(tight):
     "fairgrad": fixed(tj.FairGrad(alpha=FAIRGRAD_ALPHA)),
     "constant": lambda k: tj.Constant(torch.arange(1, k + 1, dtype=torch.float64) / k),
     "sum": fixed(tj.Sum()),
+    "pcd": lambda k: tj.PCD(tau=PCD_TAU),
   }
 
   def cr_mogm(projector):
@@ -107,6 +114,8 @@ def torchjd_aggregators(tight):
 
 FAIRGRAD_ALPHA = 2.0
 CR_MOGM_DECAY = 0.5  # CR-MOGM over UPGrad: the weight on the old weights (TorchJD's alpha)
+PCD_TAU = 0.3
+STATEFUL = ("cr_mogm", "pcd")  # our transform with its state carried over a shape's matrices
 MIN_K = {"krum": 3}  # Krum needs K >= n_byzantine + 3
 
 
@@ -174,22 +183,25 @@ def gradvac_orders(k):
   return np.asarray(rows)
 
 
-def compare(trials, seed):
+def compare(trials, seed, only=None):
   import torch
 
   rules = {
     name: jax.jit(lambda g, o, t, name=name: ours(name, g, o, t))
     for name in torchjd_aggregators(False)
-    if name != "cr_mogm"
+    if name not in STATEFUL
   }
   rng = np.random.default_rng(seed)
   # CR-MOGM draws from its own generator, so the other rules see the same
   # matrices with or without it.
   rng_cr_mogm = np.random.default_rng(seed + 1)
+  rng_pcd = np.random.default_rng(seed + 2)
   results = {}
   for tight in (False, True):
     setting = "tight" if tight else "default"
     for name, make in torchjd_aggregators(tight).items():
+      if only is not None and name not in only:
+        continue
       worst, worst_case, failures = 0.0, None, 0
       ours_exact, theirs_exact = 0.0, 0.0
       for k, p in SHAPES:
@@ -197,11 +209,16 @@ def compare(trials, seed):
           continue
         aggregator = make(k)
         targets = np.zeros((k, k))  # GradVac's, carried over the trials of a shape
-        source = rng_cr_mogm if name == "cr_mogm" else rng
-        if name == "cr_mogm":  # the transform itself, its state carried over the shape
-          smoothed = agg.cr_mogm(agg.upgrad(k), decay=CR_MOGM_DECAY)
-          smoothed_state = smoothed.init(jnp.zeros(p))
-          smoothed_update = jax.jit(smoothed.update)
+        source = {"cr_mogm": rng_cr_mogm, "pcd": rng_pcd}.get(name, rng)
+        if name in STATEFUL:  # the transform itself, its state carried over the shape
+          stateful = (
+            agg.cr_mogm(agg.upgrad(k), decay=CR_MOGM_DECAY)
+            if name == "cr_mogm"
+            else bloop_optax.pcd(PCD_TAU, num_objectives=k)
+          )
+          stateful_state = stateful.init(jnp.zeros(p))
+          stateful_update = jax.jit(stateful.update)
+          pcd_exact = reference_pcd.PCD(PCD_TAU)
         for trial in range(trials):
           jac = source.standard_normal((k, p)) * source.uniform(0.1, 10, size=(k, 1))
           if trial % 3 == 1:
@@ -216,12 +233,18 @@ def compare(trials, seed):
           except ValueError:
             failures += 1  # quadprog refuses a singular problem
             continue
-          if name == "cr_mogm":
-            d, smoothed_state = smoothed_update(tuple(jnp.asarray(r) for r in jac), smoothed_state)
-            diff = np.abs(np.asarray(d) - got_theirs).max() / np.abs(jac).max()
+          if name in STATEFUL:
+            d, stateful_state = stateful_update(tuple(jnp.asarray(r) for r in jac), stateful_state)
+            scale = np.abs(jac).max()
+            diff = np.abs(np.asarray(d) - got_theirs).max() / scale
             if diff > worst:
               worst, worst_case = float(diff), [k, p, trial]
-            continue  # no exact reference: the smoothed weights depend on the history
+            if name == "pcd":  # the reference carries the same history
+              want = pcd_exact(jac)
+              if k <= 5:
+                ours_exact = max(ours_exact, np.abs(np.asarray(d) - want).max() / scale)
+                theirs_exact = max(theirs_exact, np.abs(got_theirs - want).max() / scale)
+            continue  # CR-MOGM: no exact reference (the smoothed weights depend on the history)
           w, new_targets = rules[name](
             jnp.asarray(jac @ jac.T), jnp.asarray(orders), jnp.asarray(targets)
           )
@@ -256,21 +279,35 @@ def main(argv=None):
     default=pathlib.Path("benchmarks/results/torchjd_comparison.json"),
     help="where to write the JSON",
   )
+  parser.add_argument(
+    "--rules",
+    type=lambda text: text.split(","),
+    default=None,
+    help="compare only these rules (comma-separated) and update their rows of --out",
+  )
   args = parser.parse_args(argv)
   import torch
   import torchjd
 
   start = time.perf_counter()
-  results = compare(args.trials, args.seed)
-  report = {
+  results = compare(args.trials, args.seed, args.rules)
+  versions = {
     "torch": torch.__version__,
     "torchjd": getattr(torchjd, "__version__", None) or _version("torchjd"),
     "jax": jax.__version__,
+  }
+  report = {
+    **versions,
     "shapes_k_p": SHAPES,
     "trials_per_shape": args.trials,
     "metric": "max |d_ours - d_torchjd| / max |J|, float64",
     "results": results,
   }
+  if args.rules is not None and args.out.exists():  # the other rules' rows stay as they were
+    report = json.loads(args.out.read_text())
+    report["results"].update(results)
+    report.setdefault("rows_updated_later", {}).update({rule: versions for rule in args.rules})
+    results = report["results"]
   print("max |d - d'| / max |J| over all matrices (exact: K <= 5, tests/reference_mtl.py)")
   head = ["ours-TorchJD", "TorchJD-exact", "ours-exact"]
   print(
@@ -279,6 +316,8 @@ def main(argv=None):
     + f" {head[2]:>12}"
   )
   for name in torchjd_aggregators(False):
+    if f"{name}/default" not in results:
+      continue
     row = [results[f"{name}/{s}"] for s in ("default", "tight")]
     cells = []
     for r in row:
