@@ -93,9 +93,11 @@ def _to_json(results, task: harness.Task, summary, seconds: float, seeds: int) -
       "epochs": task.epochs,
       "aux_weights": list(task.aux_weights),
       "seeds": seeds,
-      "methods": list(task.methods),
+      "methods": list(results),
     },
     "aux_weights": list(task.aux_weights),
+    # the methods that sweep their own values (PCD's tau) instead of aux_weights
+    "grids": {m: list(task.grid(m)) for m in results if m in task.grids},
     "epochs": task.epochs,
     "eval_every": task.eval_every,
     "batch_size": task.batch_size,
@@ -108,13 +110,45 @@ def _to_json(results, task: harness.Task, summary, seconds: float, seeds: int) -
   }
 
 
-def run_training_task(name: str, seeds: int, scale: int, quick: bool, out: pathlib.Path):
+def _reused(path: pathlib.Path, task: harness.Task, seeds: int, skip: list[str]) -> dict:
+  """The metrics of the methods not in ``skip`` from an earlier run's JSON,
+  which must come from the same protocol (steps, grid, evaluations, seeds)."""
+  data = json.loads(path.read_text())
+  same = (
+    data["epochs"] == task.epochs
+    and data["eval_every"] == task.eval_every
+    and data["aux_weights"] == list(task.aux_weights)
+    and data["protocol"]["seeds"] == seeds
+  )
+  if not same:
+    raise SystemExit(f"{path} comes from another protocol than {task.name} with {seeds} seeds")
+  as_array = np.vectorize(lambda v: np.nan if v is None else v, otypes=[np.float64])
+  out = {}
+  for method, metrics in data["metrics"].items():
+    if method in task.methods and method not in skip:
+      out[method] = {k: as_array(np.array(x, dtype=object)) for k, x in metrics.items()}
+  return out
+
+
+def run_training_task(
+  name: str,
+  seeds: int,
+  scale: int,
+  quick: bool,
+  out: pathlib.Path,
+  methods: list[str] | None = None,
+  reuse: pathlib.Path | None = None,
+):
   task = TRAINING_TASKS[name](scale, quick)
   if scale != 1:
     task = harness.dataclasses.replace(task, name=f"{task.name}_{scale}x_steps")
+  methods = [m for m in task.methods if methods is None or m in methods]
   start = time.perf_counter()
-  results = harness.run_task(task, seeds)
+  results = harness.run_task(task, seeds, methods)
   seconds = time.perf_counter() - start
+  if reuse is not None:
+    results = {**_reused(reuse / f"{task.name}.json", task, seeds, methods), **results}
+    results = {m: results[m] for m in task.methods if m in results}
   summary = pareto.compare(results, task.scales, task.chance)
   if name == "text":
     summary["mixed_objective"] = mixed_objective(results, task)
@@ -122,7 +156,7 @@ def run_training_task(name: str, seeds: int, scale: int, quick: bool, out: pathl
   if name == "text":
     print(format_mixed_objective(summary["mixed_objective"]))
   print(
-    f"({len(task.methods)} methods x {len(task.aux_weights)} aux weights x {seeds} seeds,"
+    f"({len(methods)} methods trained x {len(task.aux_weights)} values x {seeds} seeds,"
     f" {task.total_steps} steps of batch {task.batch_size}, {seconds:.0f} s)"
   )
   png, js = out / f"{task.name}.png", out / f"{task.name}.json"
@@ -199,6 +233,19 @@ def main(argv: list[str] | None = None) -> int:
     help="a few steps and a small grid, for smoke tests: the numbers mean nothing",
   )
   parser.add_argument(
+    "--methods",
+    type=lambda text: text.split(","),
+    default=None,
+    help="train only these methods (comma-separated names of the task's methods)",
+  )
+  parser.add_argument(
+    "--reuse",
+    type=pathlib.Path,
+    default=None,
+    help="with --methods: take every other method's metrics from this folder's JSON of the"
+    " same task (e.g. benchmarks/results), which must come from the same protocol",
+  )
+  parser.add_argument(
     "--out",
     type=pathlib.Path,
     default=DEFAULT_OUT,
@@ -213,7 +260,9 @@ def main(argv: list[str] | None = None) -> int:
     if name == "monte_carlo":
       print(monte_carlo.run(args.out, quick=args.quick))
     else:
-      run_training_task(name, args.seeds, args.steps_multiplier, args.quick, args.out)
+      run_training_task(
+        name, args.seeds, args.steps_multiplier, args.quick, args.out, args.methods, args.reuse
+      )
   return 0
 
 

@@ -41,6 +41,9 @@ class Task:
     optimizer: ``aux_weight -> optax transformation`` applied after the surgery.
     aux_weights: the grid of aux weights.
     methods: name -> :data:`Method`.
+    grids: name -> the values a method sweeps instead of ``aux_weights``
+      (PCD's tau, a fraction rather than a weight). Such a method gets the
+      optimizer of aux weight 0: its step has the main gradient's norm.
     reshuffle: draw a new batch order every epoch (else one fixed order).
     scales: ("log" or "linear") for the (main, aux) axes of plots and
       hypervolumes.
@@ -65,6 +68,7 @@ class Task:
   optimizer: Callable[[jax.Array], optax.GradientTransformation]
   aux_weights: tuple[float, ...]
   methods: dict[str, Method]
+  grids: dict[str, tuple[float, ...]] = dataclasses.field(default_factory=dict)
   reshuffle: bool = True
   scales: tuple[str, str] = ("log", "linear")
   labels: tuple[str, str] = ("main loss", "aux loss")
@@ -72,6 +76,10 @@ class Task:
   augment: Callable[[jax.Array, tuple[jax.Array, ...]], tuple[jax.Array, ...]] | None = None
   chance: dict[str, float] | None = None
   protocol: dict[str, Any] = dataclasses.field(default_factory=dict)
+
+  def grid(self, method: str) -> tuple[float, ...]:
+    """The values ``method`` is trained at: its own grid, or the aux weights."""
+    return self.grids.get(method, self.aux_weights)
 
   @property
   def steps_per_epoch(self) -> int:
@@ -91,25 +99,30 @@ def run_method(
   method: Method,
   seeds: int,
   *,
+  grid: tuple[float, ...] | None = None,
   chunk: int | None = None,
   progress: tqdm | None = None,
 ) -> dict[str, np.ndarray]:
-  """Trains ``method`` for every (aux_weight, seed); returns per-epoch metrics.
+  """Trains ``method`` for every (value of the grid, seed); returns per-epoch
+  metrics. The grid is ``task.aux_weights`` unless ``grid`` is given (the
+  optimizer then gets aux weight 0; see :class:`Task`).
 
   Returns:
-    metric name -> array of shape ``[len(aux_weights), seeds, evaluations + 1]``
+    metric name -> array of shape ``[len(grid), seeds, evaluations + 1]``
     (index 0 of the last axis is before training).
   """
   if task.epochs % task.eval_every:
     raise ValueError(f"{task.name}: epochs={task.epochs} is not a multiple of eval_every")
-  lams = jnp.repeat(jnp.asarray(task.aux_weights, jnp.float32), seeds)
+  own_grid = grid is not None
+  grid = task.aux_weights if grid is None else grid
+  lams = jnp.repeat(jnp.asarray(grid, jnp.float32), seeds)
   keys = jax.random.split(jax.random.key(0), seeds)
-  keys = jnp.tile(keys, (len(task.aux_weights),))
+  keys = jnp.tile(keys, (len(grid),))
   n = task.steps_per_epoch * task.batch_size
   grad_fn = bloop_optax.value_and_grads(task.loss, has_aux=True)
 
   def chain(lam):
-    return optax.chain(method(lam), task.optimizer(lam))
+    return optax.chain(method(lam), task.optimizer(jnp.zeros_like(lam) if own_grid else lam))
 
   def start(lam, key):
     params, model_state = task.init(jax.random.fold_in(key, 0))
@@ -159,7 +172,7 @@ def run_method(
     if progress is not None:
       progress.update(count * task.eval_every * task.steps_per_epoch)
   out = {k: np.concatenate([np.asarray(h[k]) for h in history], axis=1) for k in first}
-  shape = (len(task.aux_weights), seeds, task.evaluations + 1)
+  shape = (len(grid), seeds, task.evaluations + 1)
   return {k: v.reshape(shape) for k, v in out.items()}
 
 
@@ -170,5 +183,6 @@ def run_task(task: Task, seeds: int, methods: list[str] | None = None) -> dict[s
   with tqdm(total=len(names) * task.total_steps, desc=task.name, unit="step") as bar:
     for name in names:
       bar.set_postfix_str(name)
-      results[name] = run_method(task, task.methods[name], seeds, progress=bar)
+      grid = task.grids.get(name)
+      results[name] = run_method(task, task.methods[name], seeds, grid=grid, progress=bar)
   return results

@@ -261,10 +261,10 @@ def format_tables(task, results: dict[str, dict], summary: dict[str, Any]) -> st
     for k in ("main_train", "main_test", "aux", "aux_test", "aux_2")
     if k in next(iter(results.values()))
   ]
-  header = f"{'method':<26}{'aux_weight':>11}" + "".join(f"{k:>12}" for k in keys)
+  header = f"{'method':<26}{'weight/tau':>11}" + "".join(f"{k:>12}" for k in keys)
   lines = [f"== {task.name}: final values, mean over seeds", header, "-" * len(header)]
   for name, metrics in results.items():
-    for i, lam in enumerate(task.aux_weights):
+    for i, lam in enumerate(task.grid(name)):
       row = "".join(f"{np.nanmean(metrics[k][i, :, -1]):>12.4g}" for k in keys)
       lines.append(f"{name:<26}{lam:>11.3g}{row}")
   for panel in PANELS:
@@ -297,7 +297,7 @@ def _front_panel(ax, task, results, panel, chance, colors) -> None:
     color = colors[c % len(colors)]
     main, aux = _axes(metrics, panel)
     ends = np.stack([_final_mean(metrics, aux), _final_mean(metrics, main)], axis=-1)
-    for i in range(len(task.aux_weights)):
+    for i in range(metrics[aux].shape[0]):
       ax.plot(metrics[aux][i, 0], np.minimum(metrics[main][i, 0], top), color=color, alpha=0.12)
     ok = np.isfinite(ends).all(axis=1)
     low = ok & (transform(ends[:, 1], task.scales[0]) < reference)

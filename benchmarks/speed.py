@@ -52,6 +52,9 @@ FLOOR_WORDS = {
   "bloop(project_first)+adam": 13,
   "bloop(track_cosine)+adam": 13,
   "bloop(bf16 EMA)+adam": 11.5,
+  # PCD: one pass reads M and A for the 2 x 2 Gram matrix, then Mixed's fused
+  # combination and adam; it keeps no parameter-sized state.
+  "pcd+adam": 10,
 }
 
 
@@ -126,6 +129,7 @@ def _optimizers(with_bf16: bool):
       optax.chain(bloop_optax.bloop(0.1, 0.99, track_cosine=True), adam()),
       True,
     ),
+    "pcd+adam": (optax.chain(bloop_optax.pcd(0.02), adam()), True),
   }
   if with_bf16:
     variants["bloop(bf16 EMA)+adam"] = (
@@ -524,6 +528,7 @@ def _full_step_for(model_name, params, losses, rounds, inner):
   count = sum(x.size for x in jax.tree.leaves(params))
   lam = 0.1
   bloop_tx = optax.chain(bloop_optax.bloop(lam, 0.99), optax.adam(1e-3))
+  pcd_tx = optax.chain(bloop_optax.pcd(0.02), optax.adam(1e-3))
   naive_tx = optax.chain(naive_bloop(lam, 0.99), optax.adam(1e-3))
   adam = optax.adam(1e-3)
 
@@ -560,6 +565,7 @@ def _full_step_for(model_name, params, losses, rounds, inner):
   fns = {
     FULL_STEP_BASELINE: variant(adam, mixed_grad),
     "bloop: value_and_grads + bloop + adam": variant(bloop_tx, bloop_direction),
+    "pcd: value_and_grads + pcd + adam": variant(pcd_tx, bloop_direction),
     "2x jax.grad + plain formula + adam": variant(naive_tx, two_grads),
     "main loss only: jax.grad + adam": variant(adam, main_grad),
   }

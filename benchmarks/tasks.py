@@ -47,13 +47,33 @@ def label_entropy(labels) -> float:
 
 
 def baseline_methods(ema_decay: float = 0.99) -> dict:
-  """The paper's four methods: baselines without EMA, Bloop with one."""
+  """The paper's four methods (baselines without EMA, Bloop with one), then
+  Priority-Constrained Descent as published (no gradient EMA) over its tau grid."""
   return {
     "mixed": bloop_optax.mixed,
     "dynamic_barrier": bloop_optax.dynamic_barrier,
     "pcgrad": bloop_optax.pcgrad,
     "bloop": lambda lam: bloop_optax.bloop(lam, ema_decay),
+    "pcd": lambda tau: bloop_optax.pcd(tau),
   }
+
+
+# PCD's tau is the fraction of its own normalised first-order progress each aux
+# loss keeps, in [0, 1]: the grids run from 0 (only conflicting components
+# removed) through the published default 0.02 to 1 (the largest guarantee), as
+# many values as the task's aux-weight grid, roughly evenly in log(tau) between.
+PCD_TAUS = {
+  3: (0.02, 0.2, 1.0),
+  4: (0.02, 0.1, 0.4, 1.0),
+  9: (0.0, 0.01, 0.02, 0.05, 0.1, 0.2, 0.4, 0.7, 1.0),
+  10: (0.0, 0.01, 0.02, 0.05, 0.1, 0.2, 0.3, 0.5, 0.7, 1.0),
+}
+
+
+def pcd_grids(methods: dict, aux_weights: tuple[float, ...]) -> dict:
+  """The tau grid of every PCD method of ``methods``."""
+  taus = PCD_TAUS.get(len(aux_weights), PCD_TAUS[3])
+  return {name: taus for name in methods if name.startswith("pcd")}
 
 
 # ---------------------------------------------------------------- 1. quadratics
@@ -112,6 +132,7 @@ def quadratics(epochs: int = 1000, cyclic: bool = False) -> Task:
     optimizer=lambda lam: optax.sgd(1e-3),
     aux_weights=tuple(float(v) for v in np.logspace(-3, 3, 10)),
     methods=baseline_methods(),
+    grids=pcd_grids(baseline_methods(), tuple(range(10))),
     reshuffle=not cyclic,
     scales=("log", "log"),
     labels=("main: least squares", "aux: 0.5 ||theta - theta*||^2"),
@@ -240,6 +261,7 @@ def smooth_mlp(
     }
 
   grid = (1e-2, 1e-1, 1.0) if quick else tuple(float(v) for v in np.logspace(-4, 0, 9))
+  methods = baseline_methods() if methods is None else methods
   return Task(
     name=name,
     init=init,
@@ -250,7 +272,8 @@ def smooth_mlp(
     epochs=epochs,
     optimizer=lambda lam: optax.adam(warmup_cosine(3e-4, total)),
     aux_weights=grid,
-    methods=baseline_methods() if methods is None else methods,
+    methods=methods,
+    grids=pcd_grids(methods, grid),
     scales=("log", "linear"),
     labels=("main: cross-entropy", "aux: log prod_l ||W_l||_2"),
     eval_every=eval_every(epochs),
@@ -278,6 +301,12 @@ def ema_ablation(epochs: int = DIGITS_EPOCHS, quick: bool = False) -> Task:
   for decay in (0.0, 0.9, 0.99, 0.999):
     methods[f"bloop(ema_decay={decay:g})"] = functools.partial(
       lambda lam, d: bloop_optax.bloop(lam, d), d=decay
+    )
+  # PCD as published, and deciding from EMAs of both gradients (its option).
+  methods["pcd"] = lambda tau: bloop_optax.pcd(tau)
+  for decay in (0.9, 0.99):
+    methods[f"pcd(ema_decay={decay:g})"] = functools.partial(
+      lambda tau, d: bloop_optax.pcd(tau, ema_decay=d), d=decay
     )
   return smooth_mlp(epochs, methods=methods, name="digits_ema_ablation", quick=quick)
 
@@ -344,6 +373,7 @@ def multitask(epochs: int = MULTITASK_EPOCHS, quick: bool = False) -> Task:
 
   methods = baseline_methods(0.999)
   methods["bloop(ema_decay=0.99)"] = lambda lam: bloop_optax.bloop(lam, 0.99)
+  methods["pcd"] = methods.pop("pcd")  # after the Bloop variants, as in the other tasks
   grid = (1e-1, 1.0, 10.0) if quick else tuple(float(v) for v in np.logspace(-3, 3, 9))
   return Task(
     name="digits_multitask",
@@ -358,6 +388,7 @@ def multitask(epochs: int = MULTITASK_EPOCHS, quick: bool = False) -> Task:
     ),
     aux_weights=grid,
     methods=methods,
+    grids=pcd_grids(methods, grid),
     scales=("log", "log"),
     labels=("main: faint-digit CE", "aux: bright-digit CE"),
     eval_every=eval_every(epochs),
@@ -368,7 +399,8 @@ def multitask(epochs: int = MULTITASK_EPOCHS, quick: bool = False) -> Task:
       "model": "MLP trunk 64-256-128, two linear heads",
       "data": "digit A + 0.4 x digit B, new partners B every epoch; held-out pairs fixed",
       "optimizer": "SGD, Nesterov momentum 0.9",
-      "learning_rate": "0.1 / (1 + aux_weight), 5% linear warm-up, then cosine decay to 0",
+      "learning_rate": "0.1 / (1 + aux_weight), 5% linear warm-up, then cosine decay to 0"
+      " (PCD, whose step has the main gradient's norm: 0.1, the aux-weight-0 rate)",
       "ema_decay": "0.999 (the paper's rate 0.001 for this task; 'bloop'), and 0.99",
       "metric": "held-out main CE vs held-out aux CE (headline); train likewise",
     },
@@ -424,7 +456,9 @@ def three_objectives(epochs: int = DIGITS_EPOCHS, quick: bool = False) -> Task:
       "mixed": lambda lam: _summed_aux(bloop_optax.mixed(lam)),
       "bloop(sum)": lambda lam: _summed_aux(bloop_optax.bloop(lam, 0.99)),
       "hierarchical_bloop": lambda lam: bloop_optax.hierarchical_bloop((lam, lam), 0.99),
+      "pcd": lambda tau: bloop_optax.pcd(tau, num_objectives=3),
     },
+    grids=pcd_grids({"pcd": None}, base.aux_weights),
     scales=("log", "linear"),
     labels=("main: cross-entropy", "aux_1: log prod_l ||W_l||_2"),
     eval_every=base.eval_every,

@@ -23,6 +23,7 @@ import optax
 
 from benchmarks.harness import Task
 from benchmarks.tasks import baseline_methods
+from benchmarks.tasks import pcd_grids
 
 CONTEXT = 32
 EPOCHS = 8  # of 100 steps each
@@ -142,6 +143,7 @@ def joint_text(epochs: int = EPOCHS, quick: bool = False) -> Task:
     optimizer=lambda lam: optax.adam(2e-3),
     aux_weights=(0.01, 0.1, 1.0, 10.0) if not quick else (0.1, 1.0),
     methods=baseline_methods(),
+    grids=pcd_grids(baseline_methods(), (0.01, 0.1, 1.0, 10.0) if not quick else (0.1, 1.0)),
     scales=("linear", "linear"),
     labels=("main: docs next-byte CE", "aux: Zen next-byte CE"),
     chance={"train": byte_entropy(texts[0]), "test": byte_entropy(texts[1])},

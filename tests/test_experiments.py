@@ -170,7 +170,51 @@ def test_every_task_runs_and_writes_its_outputs(task, tmp_path, capsys):
     for name, values in metrics.items():
       values = np.asarray(values)
       evaluations = result["epochs"] // result["eval_every"]
-      assert values.shape == (len(result["aux_weights"]), 2, evaluations + 1), (method, name)
+      grid = result["grids"].get(method, result["aux_weights"])  # PCD sweeps its own tau
+      assert values.shape == (len(grid), 2, evaluations + 1), (method, name)
       assert np.isfinite(values).all(), (method, name)
     assert result["scores"]["methods"][method]["train"]["mean"] >= 0.0
   assert "mixed" in result["metrics"] and any("bloop" in m for m in result["metrics"])
+  assert "pcd" in result["metrics"] and all(0 <= t <= 1 for t in result["grids"]["pcd"])
+
+
+def test_reuse_runs_only_the_named_methods_and_keeps_the_others(tmp_path, capsys):
+  """--methods with --reuse trains the named methods and takes the others' metrics,
+  unchanged, from an earlier run of the same protocol."""
+  args = ["--task", "quadratics", "--quick", "--seeds", "2"]
+  assert experiments.main([*args, "--out", str(tmp_path / "full")]) == 0
+  assert (
+    experiments.main(
+      [
+        *args,
+        "--out",
+        str(tmp_path / "part"),
+        "--methods",
+        "pcd",
+        "--reuse",
+        str(tmp_path / "full"),
+      ]
+    )
+    == 0
+  )
+  capsys.readouterr()
+  full = json.loads((tmp_path / "full" / "quadratics.json").read_text())
+  part = json.loads((tmp_path / "part" / "quadratics.json").read_text())
+  assert list(part["metrics"]) == list(full["metrics"])
+  assert part["metrics"] == full["metrics"]  # pcd retrained to the same numbers, the rest kept
+  with pytest.raises(SystemExit, match="another protocol"):
+    experiments.main(
+      [
+        "--task",
+        "quadratics",
+        "--quick",
+        "--seeds",
+        "3",
+        "--out",
+        str(tmp_path / "x"),
+        "--methods",
+        "pcd",
+        "--reuse",
+        str(tmp_path / "full"),
+      ]
+    )
