@@ -110,9 +110,12 @@ def _to_json(results, task: harness.Task, summary, seconds: float, seeds: int) -
   }
 
 
-def _reused(path: pathlib.Path, task: harness.Task, seeds: int, skip: list[str]) -> dict:
+def _reused(
+  path: pathlib.Path, task: harness.Task, seeds: int, skip: list[str]
+) -> tuple[dict, float]:
   """The metrics of the methods not in ``skip`` from an earlier run's JSON,
-  which must come from the same protocol (steps, grid, evaluations, seeds)."""
+  which must come from the same protocol (steps, grid, evaluations, seeds),
+  and the seconds that run's training took."""
   data = json.loads(path.read_text())
   same = (
     data["epochs"] == task.epochs
@@ -127,7 +130,7 @@ def _reused(path: pathlib.Path, task: harness.Task, seeds: int, skip: list[str])
   for method, metrics in data["metrics"].items():
     if method in task.methods and method not in skip:
       out[method] = {k: as_array(np.array(x, dtype=object)) for k, x in metrics.items()}
-  return out
+  return out, float(data["seconds"])
 
 
 def run_training_task(
@@ -147,9 +150,11 @@ def run_training_task(
   results = harness.run_task(task, seeds, methods)
   seconds = time.perf_counter() - start
   if reuse is not None:
-    results = {**_reused(reuse / f"{task.name}.json", task, seeds, methods), **results}
+    # the training time recorded is that of every method, old and new
+    kept, earlier = _reused(reuse / f"{task.name}.json", task, seeds, methods)
+    results, seconds = {**kept, **results}, seconds + earlier
     results = {m: results[m] for m in task.methods if m in results}
-  summary = pareto.compare(results, task.scales, task.chance)
+  summary = pareto.compare(results, task.scales, task.chance, tuple(task.grids))
   if name == "text":
     summary["mixed_objective"] = mixed_objective(results, task)
   print(pareto.format_tables(task, results, summary))
@@ -236,7 +241,8 @@ def main(argv: list[str] | None = None) -> int:
     "--methods",
     type=lambda text: text.split(","),
     default=None,
-    help="train only these methods (comma-separated names of the task's methods)",
+    help="train only these methods (comma-separated names of the task's methods; '' trains"
+    " none, which with --reuse recomputes the scores and plot from the saved metrics)",
   )
   parser.add_argument(
     "--reuse",

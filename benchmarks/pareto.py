@@ -204,12 +204,31 @@ def matched_loss(
   return table
 
 
-def compare(results: dict[str, dict], scales, chance=None) -> dict[str, Any]:
-  """Matched-loss tables, and hypervolume per method, panel and seed."""
+def compare(
+  results: dict[str, dict], scales, chance=None, own_grid: tuple[str, ...] = ()
+) -> dict[str, Any]:
+  """Matched-loss tables, and hypervolume per method, panel and seed.
+
+  ``own_grid`` names the methods that sweep their own knob (PCD's tau) rather
+  than the aux weight. Each also gets a table of its own against ``bloop``
+  alone (``"bloop_vs"``), over the range the two share. Where such a method's
+  front shares no main-loss range with the others', the all-methods table
+  leaves it out (and says so) rather than comparing nothing.
+  """
   summary: dict[str, Any] = {"reference": {}, "methods": {}, "matched_loss": {}}
   for panel in PANELS:
     ref = reference_point(results, panel, scales, chance)
-    summary["matched_loss"][panel] = matched_loss(results, panel, scales, chance)
+    table = matched_loss(results, panel, scales, chance)
+    if not table["levels"] and own_grid:
+      rest = {k: v for k, v in results.items() if k not in own_grid}
+      table = matched_loss(rest, panel, scales, chance)
+      table["left_out"] = [k for k in results if k in own_grid]
+    summary["matched_loss"][panel] = table
+    for name in own_grid if "bloop" in results else ():
+      pair = {"bloop": results["bloop"], name: results[name]}
+      summary.setdefault("bloop_vs", {}).setdefault(panel, {})[name] = matched_loss(
+        pair, panel, scales, chance
+      )
     summary["reference"][panel] = ref.tolist()
     for name, metrics in results.items():
       pts = end_points(metrics, panel, scales)
@@ -238,6 +257,8 @@ def format_matched(task_name: str, table: dict[str, Any], panel: str) -> str:
   ]
   if not table["levels"]:
     return "\n".join([*lines, f"   (no common range: {table.get('note', '')})"])
+  if table.get("left_out"):
+    lines.append(f"   (left out, sharing no main-loss range with the rest: {table['left_out']})")
   names = list(table["methods"])
   width = max(26, *(len(n) + 2 for n in names))
   header = f"{'L':>10}" + "".join(f"{n:>{width}}" for n in names)
@@ -269,6 +290,9 @@ def format_tables(task, results: dict[str, dict], summary: dict[str, Any]) -> st
       lines.append(f"{name:<26}{lam:>11.3g}{row}")
   for panel in PANELS:
     lines += ["", format_matched(task.name, summary["matched_loss"][panel], panel)]
+  for panel, tables in summary.get("bloop_vs", {}).items():
+    for name, table in tables.items():
+      lines += ["", format_matched(f"{task.name}, bloop vs {name}", table, panel)]
   lines += [
     "",
     f"== {task.name}: Pareto hypervolume (secondary; higher is better), mean +- std over seeds",
