@@ -147,7 +147,12 @@ def _interval(values: np.ndarray) -> tuple[float, float, float]:
 
 
 def matched_loss(
-  results: dict[str, dict], panel: str, scales, chance=None, levels: int = 6
+  results: dict[str, dict],
+  panel: str,
+  scales,
+  chance=None,
+  levels: int = 6,
+  ours: str | None = "bloop",
 ) -> dict[str, Any]:
   """Lowest aux per method at matched main-loss levels, with 95% intervals.
 
@@ -161,8 +166,8 @@ def matched_loss(
   Returns:
     ``{"levels": [...], "methods": {name: [{"mean", "low", "high"} or None]},
     "verdicts": {name: ["win" | "tie" | "loss" per level]}}`` where a verdict
-    compares ``bloop`` (the method whose name is exactly "bloop", if any)
-    with that method: "win" where Bloop's interval lies entirely below.
+    compares ``ours`` (if present) with that method: "win" where the
+    interval of ``ours`` lies entirely below.
   """
   reference = reference_point(results, panel, scales, chance)[0]
   fronts = {
@@ -191,17 +196,21 @@ def matched_loss(
       row.append({"mean": back_aux(mean), "low": back_aux(lo), "high": back_aux(hi)})
     table["methods"][name] = row
   verdicts = {}
-  if "bloop" in table["methods"]:
-    ours = table["methods"]["bloop"]
+  if ours in table["methods"]:
     for name, row in table["methods"].items():
-      if name == "bloop":
+      if name == ours:
         continue
       verdicts[name] = [
         "win" if a["high"] < b["low"] else "loss" if b["high"] < a["low"] else "tie"
-        for a, b in zip(ours, row, strict=True)
+        for a, b in zip(table["methods"][ours], row, strict=True)
       ]
   table["verdicts"] = verdicts
+  table["ours"] = ours
   return table
+
+
+# The method the own-grid methods are compared with, the first of these present.
+OURS = ("bloop", "bloop(ema_decay=0.99)", "hierarchical_bloop")
 
 
 def compare(
@@ -210,24 +219,22 @@ def compare(
   """Matched-loss tables, and hypervolume per method, panel and seed.
 
   ``own_grid`` names the methods that sweep their own knob (PCD's tau) rather
-  than the aux weight. Each also gets a table of its own against ``bloop``
-  alone (``"bloop_vs"``), over the range the two share. Where such a method's
-  front shares no main-loss range with the others', the all-methods table
-  leaves it out (and says so) rather than comparing nothing.
+  than the aux weight. The headline table and the hypervolumes' reference
+  point come from the other methods alone, so adding such a method changes
+  none of their numbers (its fronts can span another main-loss range: PCD
+  never trades main loss away as Mixed does at a large weight). Each gets a
+  table of its own against Bloop (``"versus"``), over the range the two share.
   """
+  rest = {k: v for k, v in results.items() if k not in own_grid} or results
+  ours = next((name for name in OURS if name in rest), None)
   summary: dict[str, Any] = {"reference": {}, "methods": {}, "matched_loss": {}}
   for panel in PANELS:
-    ref = reference_point(results, panel, scales, chance)
-    table = matched_loss(results, panel, scales, chance)
-    if not table["levels"] and own_grid:
-      rest = {k: v for k, v in results.items() if k not in own_grid}
-      table = matched_loss(rest, panel, scales, chance)
-      table["left_out"] = [k for k in results if k in own_grid]
-    summary["matched_loss"][panel] = table
-    for name in own_grid if "bloop" in results else ():
-      pair = {"bloop": results["bloop"], name: results[name]}
-      summary.setdefault("bloop_vs", {}).setdefault(panel, {})[name] = matched_loss(
-        pair, panel, scales, chance
+    ref = reference_point(rest, panel, scales, chance)
+    summary["matched_loss"][panel] = matched_loss(rest, panel, scales, chance, ours=ours)
+    for name in own_grid if ours is not None else ():
+      pair = {ours: results[ours], name: results[name]}
+      summary.setdefault("versus", {}).setdefault(panel, {})[name] = matched_loss(
+        pair, panel, scales, chance, ours=ours
       )
     summary["reference"][panel] = ref.tolist()
     for name, metrics in results.items():
@@ -257,13 +264,11 @@ def format_matched(task_name: str, table: dict[str, Any], panel: str) -> str:
   ]
   if not table["levels"]:
     return "\n".join([*lines, f"   (no common range: {table.get('note', '')})"])
-  if table.get("left_out"):
-    lines.append(f"   (left out, sharing no main-loss range with the rest: {table['left_out']})")
   names = list(table["methods"])
   width = max(26, *(len(n) + 2 for n in names))
   header = f"{'L':>10}" + "".join(f"{n:>{width}}" for n in names)
   if table["verdicts"]:
-    header += "   bloop vs " + ", ".join(table["verdicts"])
+    header += f"   {table['ours']} vs " + ", ".join(table["verdicts"])
   lines += [header, "-" * len(header)]
   for j, level in enumerate(table["levels"]):
     cells = "".join(
@@ -290,9 +295,9 @@ def format_tables(task, results: dict[str, dict], summary: dict[str, Any]) -> st
       lines.append(f"{name:<26}{lam:>11.3g}{row}")
   for panel in PANELS:
     lines += ["", format_matched(task.name, summary["matched_loss"][panel], panel)]
-  for panel, tables in summary.get("bloop_vs", {}).items():
+  for panel, tables in summary.get("versus", {}).items():
     for name, table in tables.items():
-      lines += ["", format_matched(f"{task.name}, bloop vs {name}", table, panel)]
+      lines += ["", format_matched(f"{task.name}, {name} against Bloop", table, panel)]
   lines += [
     "",
     f"== {task.name}: Pareto hypervolume (secondary; higher is better), mean +- std over seeds",

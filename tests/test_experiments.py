@@ -118,26 +118,29 @@ def test_matched_loss_never_extrapolates():
   assert table["levels"] == [] and "overlap" in table["note"]
 
 
-def test_a_method_on_its_own_grid_is_left_out_only_where_it_shares_no_range():
+def test_a_method_on_its_own_grid_is_compared_with_bloop_apart():
   a = _fake_seeds([[[0.2, 1.0], [0.6, 0.5]]] * 2)
   b = _fake_seeds([[[0.3, 1.2], [0.7, 0.6]]] * 2)
-  apart = _fake_seeds([[[0.05, 0.9], [0.1, 0.1]]] * 2)  # below everyone's main loss
+  apart = _fake_seeds([[[0.05, 0.9], [0.1, 0.01]]] * 2)  # below everyone's main loss
   overlapping = _fake_seeds([[[0.25, 1.0], [0.5, 0.2]]] * 2)
   scales = ("linear", "linear")
-  summary = pareto.compare({"bloop": a, "b": b, "pcd": apart}, scales, own_grid=("pcd",))
-  table = summary["matched_loss"]["train"]
-  assert table["left_out"] == ["pcd"] and list(table["methods"]) == ["bloop", "b"]
-  assert table["levels"] == pareto.matched_loss({"bloop": a, "b": b}, "train", scales)["levels"]
-  assert summary["bloop_vs"]["train"]["pcd"]["levels"] == []
-  summary = pareto.compare({"bloop": a, "b": b, "pcd": overlapping}, scales, own_grid=("pcd",))
-  assert "left_out" not in summary["matched_loss"]["train"]
-  assert list(summary["matched_loss"]["train"]["methods"]) == ["bloop", "b", "pcd"]
-  pair = summary["bloop_vs"]["train"]["pcd"]
-  # bloop vs pcd alone, over the range the two share (0.25 .. 0.5): at 0.25 bloop's
+  alone = pareto.compare({"bloop": a, "b": b}, scales)
+  for pcd in (apart, overlapping):
+    summary = pareto.compare({"bloop": a, "b": b, "pcd": pcd}, scales, own_grid=("pcd",))
+    # the other methods' table, reference point and areas are those without pcd
+    assert summary["matched_loss"] == alone["matched_loss"]
+    assert summary["reference"] == alone["reference"]
+    assert summary["methods"]["b"] == alone["methods"]["b"]
+    assert summary["methods"]["pcd"]["train"]["mean"] > 0
+  assert summary["versus"]["train"]["pcd"]["levels"] != []
+  pair = summary["versus"]["train"]["pcd"]
+  # pcd against bloop alone, over the range the two share (0.25 .. 0.5): at 0.25 bloop's
   # front gives 1 - 0.5 * 0.05 / 0.4 = 0.9375 < pcd's 1.0, at 0.5 0.625 > pcd's 0.2
   np.testing.assert_allclose([pair["levels"][0], pair["levels"][-1]], [0.25, 0.5])
   np.testing.assert_allclose([pair["methods"]["bloop"][0]["mean"]], [0.9375])
   assert pair["verdicts"]["pcd"][0] == "win" and pair["verdicts"]["pcd"][-1] == "loss"
+  summary = pareto.compare({"bloop": a, "b": b, "pcd": apart}, scales, own_grid=("pcd",))
+  assert summary["versus"]["train"]["pcd"]["levels"] == []
 
 
 def test_default_output_folder_is_ignored_by_git():
