@@ -210,6 +210,17 @@ def test_converges_with_a_decaying_step(case):
   step: at the minimiser their direction is lambda A, not 0); Mixed reaches the
   minimiser of the weighted sum; PCGrad and the aggregators a Pareto-stationary
   point (inside the hull of the targets)."""
+  if case.name == "aggregators.nash_mtl_ema":
+    # Nash-MTL with EMAs takes its weights from the EMAs (w_i ~ 1 / |EMA_i|) and
+    # applies them to the current gradients, so max_norm bounds the EMAs'
+    # combination only: near a Pareto-stationary point, where the EMAs of
+    # gradients that change sign shrink, one step can be arbitrarily long (a
+    # step of norm 155 at step 102 here) and where the run ends on conflicting
+    # targets depends on float rounding (7.1 from the hull after 3,000 steps, 1e-8
+    # after 6,000 and 10,000). On objectives that share their minimiser it
+    # reaches it.
+    np.testing.assert_allclose(_run(case, shared=True), TARGETS[0], atol=1e-3)
+    return
   if case.name.startswith("aggregators.imtl_g"):
     # IMTL-G's weights may be negative, so it has no Pareto-stationary point to
     # reach on conflicting targets (it ends about 2.6 away from their hull);
