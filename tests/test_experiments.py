@@ -201,45 +201,18 @@ def test_every_task_runs_and_writes_its_outputs(task, tmp_path, capsys):
     assert result["scores"]["methods"][method]["train"]["mean"] >= 0.0
   assert "mixed" in result["metrics"] and any("bloop" in m for m in result["metrics"])
   assert "pcd" in result["metrics"] and all(0 <= t <= 1 for t in result["grids"]["pcd"])
+  if task == "quadratics":
+    _check_reuse(tmp_path, result)
 
 
-def test_reuse_runs_only_the_named_methods_and_keeps_the_others(tmp_path, capsys):
+def _check_reuse(full, result):
   """--methods with --reuse trains the named methods and takes the others' metrics,
-  unchanged, from an earlier run of the same protocol."""
-  args = ["--task", "quadratics", "--quick", "--seeds", "2"]
-  assert experiments.main([*args, "--out", str(tmp_path / "full")]) == 0
-  assert (
-    experiments.main(
-      [
-        *args,
-        "--out",
-        str(tmp_path / "part"),
-        "--methods",
-        "pcd",
-        "--reuse",
-        str(tmp_path / "full"),
-      ]
-    )
-    == 0
-  )
-  capsys.readouterr()
-  full = json.loads((tmp_path / "full" / "quadratics.json").read_text())
-  part = json.loads((tmp_path / "part" / "quadratics.json").read_text())
-  assert list(part["metrics"]) == list(full["metrics"])
-  assert part["metrics"] == full["metrics"]  # pcd retrained to the same numbers, the rest kept
+  unchanged, from an earlier run of the same protocol (``full``, 2 seeds)."""
+  args = ["--task", "quadratics", "--quick", "--methods", "pcd", "--reuse", str(full)]
+  assert experiments.main([*args, "--seeds", "2", "--out", str(full / "part")]) == 0
+  part = json.loads((full / "part" / "quadratics.json").read_text())
+  assert list(part["metrics"]) == list(result["metrics"])
+  assert part["metrics"] == result["metrics"]  # pcd retrained to the same numbers, the rest kept
+  assert part["seconds"] > result["seconds"]  # the time of every method, old and new
   with pytest.raises(SystemExit, match="another protocol"):
-    experiments.main(
-      [
-        "--task",
-        "quadratics",
-        "--quick",
-        "--seeds",
-        "3",
-        "--out",
-        str(tmp_path / "x"),
-        "--methods",
-        "pcd",
-        "--reuse",
-        str(tmp_path / "full"),
-      ]
-    )
+    experiments.main([*args, "--seeds", "3", "--out", str(full / "x")])
