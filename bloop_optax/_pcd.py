@@ -17,6 +17,7 @@ import numpy as np
 import optax
 
 from bloop_optax import _checks
+from bloop_optax import _qp
 from bloop_optax._aggregators import _aggregator
 from bloop_optax._aggregators import _check_count
 
@@ -91,7 +92,9 @@ def _dual_active_set(gs: jax.Array, b: jax.Array) -> tuple[jax.Array, jax.Array]
     # The dual step: +1 on mu_p, -r on the active multipliers, with
     # r = Gs[A, A]^-1 Gs[A, p] (the active block padded with the identity).
     both = active[:, None] & active[None, :]
-    r = jnp.linalg.solve(jnp.where(both, gs, eye.astype(dtype)), jnp.where(active, gs[:, p], 0))
+    # the block is symmetric positive definite (the active gradients are independent);
+    # the pseudo-inverse from eigh, as the other active sets use, needs no scatter
+    r = _qp.pinv_symmetric(jnp.where(both, gs, eye.astype(dtype))) @ jnp.where(active, gs[:, p], 0)
     r = jnp.where(active, r, 0)
     z_sq = gs[p, p] - gs[p] @ r
     ratios = jnp.where(active & (r > 0), mu / jnp.where(r > 0, r, 1), inf)
@@ -103,10 +106,10 @@ def _dual_active_set(gs: jax.Array, b: jax.Array) -> tuple[jax.Array, jax.Array]
     step = jnp.minimum(partial, full)
     stuck = ~optimal & jnp.isinf(step)
     take = jnp.where(jnp.isinf(step), 0, step)
-    moved = (mu - take * r).at[p].add(take)
+    moved = mu - take * r + jnp.where(eye[p], take, 0)  # no scatter: explicit meshes
     add = full <= partial
     new_active = jnp.where(add, active | eye[p], active & ~eye[k])
-    moved = jnp.where(add, moved, moved.at[k].set(0))
+    moved = jnp.where(add | ~eye[k], moved, 0)
     keep = optimal | stuck
     status = jnp.where(optimal, 1, jnp.where(stuck, 2, 0))
     return (
@@ -120,9 +123,11 @@ def _dual_active_set(gs: jax.Array, b: jax.Array) -> tuple[jax.Array, jax.Array]
   def cond(carry):
     return (carry[4] == 0) & (carry[3] < 10 * n + 10)
 
+  # Zeros like b, not fresh ones: on an explicit mesh the loop's vectors then
+  # carry the Gram matrix's (replicated) sharding, which products with it need.
   start = (
-    jnp.zeros([n], dtype),
-    jnp.zeros([n], bool),
+    jnp.zeros_like(b),
+    jnp.zeros_like(b, dtype=bool),
     jnp.asarray(-1),
     jnp.asarray(0),
     jnp.asarray(0),
