@@ -162,7 +162,8 @@ def run_training_task(
     print(format_mixed_objective(summary["mixed_objective"]))
   print(
     f"({len(methods)} methods trained x {len(task.aux_weights)} values x {seeds} seeds,"
-    f" {task.total_steps} steps of batch {task.batch_size}, {seconds:.0f} s)"
+    f" {task.total_steps} steps of batch {task.batch_size}, {seconds:.0f} s of training"
+    f"{', reused runs included' if reuse is not None else ''})"
   )
   png, js = out / f"{task.name}.png", out / f"{task.name}.json"
   pareto.plot(task, results, summary, str(png))

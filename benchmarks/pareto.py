@@ -251,7 +251,7 @@ def compare(
   return summary
 
 
-def _finite_mean(values: np.ndarray, axis=None) -> np.ndarray:
+def _quiet_nanmean(values: np.ndarray, axis=None) -> np.ndarray:
   """``np.nanmean`` (NaN where every run diverged) without numpy's warning for
   an all-NaN slice."""
   values = np.asarray(values, np.float64)
@@ -263,7 +263,7 @@ def _finite_mean(values: np.ndarray, axis=None) -> np.ndarray:
 
 def _final_mean(metrics: dict[str, np.ndarray], key: str) -> np.ndarray:
   """Final values of ``key`` per aux weight, averaged over seeds, in float64."""
-  return _finite_mean(metrics[key][..., -1], axis=1)
+  return _quiet_nanmean(metrics[key][..., -1], axis=1)
 
 
 def format_matched(task_name: str, table: dict[str, Any], panel: str) -> str:
@@ -301,7 +301,7 @@ def format_tables(task, results: dict[str, dict], summary: dict[str, Any]) -> st
   lines = [f"== {task.name}: final values, mean over seeds", header, "-" * len(header)]
   for name, metrics in results.items():
     for i, lam in enumerate(task.grid(name)):
-      row = "".join(f"{float(_finite_mean(metrics[k][i, :, -1])):>12.4g}" for k in keys)
+      row = "".join(f"{float(_quiet_nanmean(metrics[k][i, :, -1])):>12.4g}" for k in keys)
       lines.append(f"{name:<26}{lam:>11.3g}{row}")
   for panel in PANELS:
     lines += ["", format_matched(task.name, summary["matched_loss"][panel], panel)]

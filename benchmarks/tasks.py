@@ -121,6 +121,8 @@ def quadratics(epochs: int = 1000, cyclic: bool = False) -> Task:
       "aux": aux_loss(theta),
     }
 
+  weights = tuple(float(v) for v in np.logspace(-3, 3, 10))
+  methods = baseline_methods()
   return Task(
     name="quadratics" + ("_cyclic" if cyclic else ""),
     init=lambda key: (jnp.zeros(p, jnp.float32), ()),
@@ -130,9 +132,9 @@ def quadratics(epochs: int = 1000, cyclic: bool = False) -> Task:
     batch_size=64,
     epochs=epochs,
     optimizer=lambda lam: optax.sgd(1e-3),
-    aux_weights=tuple(float(v) for v in np.logspace(-3, 3, 10)),
-    methods=baseline_methods(),
-    grids=pcd_grids(baseline_methods(), tuple(range(10))),
+    aux_weights=weights,
+    methods=methods,
+    grids=pcd_grids(methods, weights),
     reshuffle=not cyclic,
     scales=("log", "log"),
     labels=("main: least squares", "aux: 0.5 ||theta - theta*||^2"),

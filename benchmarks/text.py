@@ -132,6 +132,8 @@ def joint_text(epochs: int = EPOCHS, quick: bool = False) -> Task:
     del state
     return {k: _next_byte_loss(model, params, t, s) for k, (t, s) in eval_sets.items()}
 
+  weights = (0.01, 0.1, 1.0, 10.0) if not quick else (0.1, 1.0)
+  methods = baseline_methods()
   return Task(
     name="text_joint",
     init=init,
@@ -141,9 +143,9 @@ def joint_text(epochs: int = EPOCHS, quick: bool = False) -> Task:
     batch_size=batch,
     epochs=epochs,
     optimizer=lambda lam: optax.adam(2e-3),
-    aux_weights=(0.01, 0.1, 1.0, 10.0) if not quick else (0.1, 1.0),
-    methods=baseline_methods(),
-    grids=pcd_grids(baseline_methods(), (0.01, 0.1, 1.0, 10.0) if not quick else (0.1, 1.0)),
+    aux_weights=weights,
+    methods=methods,
+    grids=pcd_grids(methods, weights),
     scales=("linear", "linear"),
     labels=("main: docs next-byte CE", "aux: Zen next-byte CE"),
     chance={"train": byte_entropy(texts[0]), "test": byte_entropy(texts[1])},
