@@ -20,7 +20,6 @@ import argparse
 import json
 import pathlib
 import sys
-import time
 
 import numpy as np
 
@@ -83,7 +82,7 @@ def mixed_objective(results: dict, task: harness.Task, points: int = 11) -> dict
   return out
 
 
-def _to_json(results, task: harness.Task, summary, seconds: float, seeds: int) -> dict:
+def _to_json(results, task: harness.Task, summary, seconds: dict, seeds: int) -> dict:
   return {
     "task": task.name,
     "protocol": {
@@ -103,7 +102,8 @@ def _to_json(results, task: harness.Task, summary, seconds: float, seeds: int) -
     "batch_size": task.batch_size,
     "scales": list(task.scales),
     "chance": task.chance,
-    "seconds": seconds,
+    "seconds": sum(seconds.values()),
+    "seconds_by_method": seconds,
     "scores": summary,
     # method -> metric -> [aux_weight][seed][evaluation]
     "metrics": {m: {k: _compact(v) for k, v in r.items()} for m, r in results.items()},
@@ -112,10 +112,11 @@ def _to_json(results, task: harness.Task, summary, seconds: float, seeds: int) -
 
 def _reused(
   path: pathlib.Path, task: harness.Task, seeds: int, skip: list[str]
-) -> tuple[dict, float]:
+) -> tuple[dict, dict]:
   """The metrics of the methods not in ``skip`` from an earlier run's JSON,
   which must come from the same protocol (steps, grid, evaluations, seeds),
-  and the seconds that run's training took."""
+  and their training seconds (a file that does not record them per method
+  gives its whole time, under a key that says so)."""
   data = json.loads(path.read_text())
   same = (
     data["epochs"] == task.epochs
@@ -130,7 +131,10 @@ def _reused(
   for method, metrics in data["metrics"].items():
     if method in task.methods and method not in skip:
       out[method] = {k: as_array(np.array(x, dtype=object)) for k, x in metrics.items()}
-  return out, float(data["seconds"])
+  by_method = data.get("seconds_by_method")
+  if by_method is None:
+    return out, {"earlier run, every method it held": float(data["seconds"])}
+  return out, {m: t for m, t in by_method.items() if m in out}
 
 
 def run_training_task(
@@ -146,13 +150,12 @@ def run_training_task(
   if scale != 1:
     task = harness.dataclasses.replace(task, name=f"{task.name}_{scale}x_steps")
   methods = [m for m in task.methods if methods is None or m in methods]
-  start = time.perf_counter()
-  results = harness.run_task(task, seeds, methods)
-  seconds = time.perf_counter() - start
+  seconds: dict[str, float] = {}
+  results = harness.run_task(task, seeds, methods, seconds)
   if reuse is not None:
     # the training time recorded is that of every method, old and new
     kept, earlier = _reused(reuse / f"{task.name}.json", task, seeds, methods)
-    results, seconds = {**kept, **results}, seconds + earlier
+    results, seconds = {**kept, **results}, {**earlier, **seconds}
     results = {m: results[m] for m in task.methods if m in results}
   summary = pareto.compare(results, task.scales, task.chance, tuple(task.grids))
   if name == "text":
@@ -162,7 +165,8 @@ def run_training_task(
     print(format_mixed_objective(summary["mixed_objective"]))
   print(
     f"({len(methods)} methods trained x {len(task.aux_weights)} values x {seeds} seeds,"
-    f" {task.total_steps} steps of batch {task.batch_size}, {seconds:.0f} s of training"
+    f" {task.total_steps} steps of batch {task.batch_size},"
+    f" {sum(seconds.values()):.0f} s of training"
     f"{', reused runs included' if reuse is not None else ''})"
   )
   png, js = out / f"{task.name}.png", out / f"{task.name}.json"

@@ -9,6 +9,7 @@ costs one compilation whatever the size of the grid.
 
 from collections.abc import Callable
 import dataclasses
+import time
 from typing import Any
 
 import jax
@@ -176,13 +177,19 @@ def run_method(
   return {k: v.reshape(shape) for k, v in out.items()}
 
 
-def run_task(task: Task, seeds: int, methods: list[str] | None = None) -> dict[str, Any]:
-  """Runs every method of ``task``; returns ``{method: metrics}``."""
+def run_task(
+  task: Task, seeds: int, methods: list[str] | None = None, seconds: dict | None = None
+) -> dict[str, Any]:
+  """Runs every method of ``task`` (or of ``methods``); returns ``{method:
+  metrics}`` and, into ``seconds`` if given, each method's training time."""
   names = list(task.methods) if methods is None else methods
   results = {}
   with tqdm(total=len(names) * task.total_steps, desc=task.name, unit="step") as bar:
     for name in names:
       bar.set_postfix_str(name)
       grid = task.grids.get(name)
+      start = time.perf_counter()
       results[name] = run_method(task, task.methods[name], seeds, grid=grid, progress=bar)
+      if seconds is not None:
+        seconds[name] = time.perf_counter() - start
   return results
