@@ -49,35 +49,21 @@ from tqdm import tqdm
 
 import bloop_optax
 from bloop_optax import aggregators
+from bloop_optax.aggregators import _catalogue
 
-NAMES = [
-  "mean",
-  "mgda",
-  "pcgrad",
-  "cagrad",
-  "imtl_g",
-  "aligned_mtl",
-  "upgrad",
-  "dualproj",
-  "config",
-  "krum",
-  "nash_mtl",
-  "fairgrad",
-  "gradvac",
-]
+# The baseline, then every aggregator with the EMA option (MoCo's is not
+# optional: it is listed with its two trackings below).
+NAMES = ["mean"] + [e.name for e in _catalogue.ENTRIES if e.ema is True]
 # Rules whose decision depends on what they learnt over earlier steps: no
 # single noise-free decision to measure a bias against in the Monte Carlo.
 STATEFUL = {"gradvac"}
-FAIRGRAD_ALPHA = 2.0  # the authors' choice on most of their tasks
 OBJECTIVES = ["label of A", "label of B", "parity of A + B"]
 EMA_DECAY = 0.99
 
 
 def factory(name: str):
   """``factory(k, **options)`` for an aggregator of ``NAMES``."""
-  if name == "fairgrad":
-    return lambda k, **kw: aggregators.fairgrad(k, FAIRGRAD_ALPHA, **kw)
-  return getattr(aggregators, name)
+  return _catalogue.BY_NAME[name].make
 
 
 def methods(k: int) -> dict:
@@ -90,7 +76,7 @@ def methods(k: int) -> dict:
   # CR-MOGM smooths MGDA's weights (not the gradients), with the same decay.
   # MoCo's tracking is its EMA (it has no variant without): at its default
   # 0.9 and at the 0.99 the others use; it steps its weights toward MGDA's.
-  out["mgda+CR-MOGM"] = lambda: aggregators.cr_mogm(aggregators.mgda(k), decay=EMA_DECAY)
+  out["mgda+CR-MOGM"] = lambda: aggregators.cr_mogm(aggregators.mgda(k), weights_decay=EMA_DECAY)
   out["moco"] = lambda: aggregators.moco(k)
   out["moco, tracking 0.99"] = lambda: aggregators.moco(k, ema_decay=EMA_DECAY)
   return out

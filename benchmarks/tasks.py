@@ -52,8 +52,8 @@ def baseline_methods(ema_decay: float = 0.99) -> dict:
   return {
     "mixed": bloop_optax.mixed,
     "dynamic_barrier": bloop_optax.dynamic_barrier,
-    "pcgrad": bloop_optax.pcgrad,
-    "bloop": lambda lam: bloop_optax.bloop(lam, ema_decay),
+    "pcgrad": bloop_optax.pcgrad_pair,
+    "bloop": lambda lam: bloop_optax.bloop(lam, ema_decay=ema_decay),
     "pcd": lambda tau: bloop_optax.pcd(tau),
   }
 
@@ -302,7 +302,7 @@ def ema_ablation(epochs: int = DIGITS_EPOCHS, quick: bool = False) -> Task:
   methods = {"mixed": bloop_optax.mixed}
   for decay in (0.0, 0.9, 0.99, 0.999):
     methods[f"bloop(ema_decay={decay:g})"] = functools.partial(
-      lambda lam, d: bloop_optax.bloop(lam, d), d=decay
+      lambda lam, d: bloop_optax.bloop(lam, ema_decay=d), d=decay
     )
   # PCD as published, and deciding from EMAs of both gradients (its option).
   methods["pcd"] = lambda tau: bloop_optax.pcd(tau)
@@ -374,13 +374,13 @@ def multitask(epochs: int = MULTITASK_EPOCHS, quick: bool = False) -> Task:
     return {"main_train": main, "main_test": main_test, "aux": aux, "aux_test": aux_test}
 
   methods = baseline_methods(0.999)
-  methods["bloop(ema_decay=0.99)"] = lambda lam: bloop_optax.bloop(lam, 0.99)
+  methods["bloop(ema_decay=0.99)"] = lambda lam: bloop_optax.bloop(lam, ema_decay=0.99)
   methods["pcd"] = methods.pop("pcd")  # after the Bloop variants, as in the other tasks
   grid = (1e-1, 1.0, 10.0) if quick else tuple(float(v) for v in np.logspace(-3, 3, 9))
   # Bloop at the rate of aux weight 0 (0.1, as PCD gets) instead of the paper's
   # 0.1 / (1 + lambda): how much of PCD's lead here the learning rate explains.
   # It diverges from lambda = 5.62 on; the smoke test's grid stops below.
-  methods["bloop(lr=0.1)"] = lambda lam: bloop_optax.bloop(lam, 0.999)
+  methods["bloop(lr=0.1)"] = lambda lam: bloop_optax.bloop(lam, ema_decay=0.999)
   grids = {**pcd_grids(methods, grid), "bloop(lr=0.1)": grid[:2] if quick else grid}
   return Task(
     name="digits_multitask",
@@ -462,8 +462,8 @@ def three_objectives(epochs: int = DIGITS_EPOCHS, quick: bool = False) -> Task:
     aux_weights=base.aux_weights,
     methods={
       "mixed": lambda lam: _summed_aux(bloop_optax.mixed(lam)),
-      "bloop(sum)": lambda lam: _summed_aux(bloop_optax.bloop(lam, 0.99)),
-      "hierarchical_bloop": lambda lam: bloop_optax.hierarchical_bloop((lam, lam), 0.99),
+      "bloop(sum)": lambda lam: _summed_aux(bloop_optax.bloop(lam, ema_decay=0.99)),
+      "hierarchical_bloop": lambda lam: bloop_optax.hierarchical_bloop((lam, lam), ema_decay=0.99),
       "pcd": lambda tau: bloop_optax.pcd(tau, num_objectives=3),
     },
     grids=pcd_grids({"pcd": None}, base.aux_weights),

@@ -28,7 +28,7 @@ code: at most 20 convex sub-problems, warm-started, stopping at a residual of
 previous answer. FairGrad uses alpha = 2 (TorchJD: SciPy's ``least_squares``
 with its default tolerances, no ridge; ours: the default ridge 1e-6). Krum keeps
 one gradient with no Byzantine ones (K >= 3), Constant has weights
-``(1 .. K) / K``, Sum is ``constant(ones)``. TorchJD's Random draws from torch's
+``(1 .. K) / K``, Sum is ``constant(K, ones)``. TorchJD's Random draws from torch's
 generator and is not compared. CR-MOGM wraps UPGrad (decay 0.5): our transform,
 its state carried over each shape's matrices, against TorchJD's ``CRMOGMWeighting``
 of ``UPGradWeighting`` (default and exact projector), on matrices from a
@@ -58,6 +58,7 @@ import numpy as np  # noqa: E402
 
 import bloop_optax  # noqa: E402
 from bloop_optax import aggregators as agg  # noqa: E402
+from bloop_optax.aggregators import _catalogue  # noqa: E402
 from tests import reference_mtl  # noqa: E402
 from tests import reference_pcd  # noqa: E402
 
@@ -112,7 +113,7 @@ def torchjd_aggregators(tight):
   }
 
 
-FAIRGRAD_ALPHA = 2.0
+FAIRGRAD_ALPHA = _catalogue.BY_NAME["fairgrad"].required["alpha"]  # the authors' usual choice
 CR_MOGM_DECAY = 0.5  # CR-MOGM over UPGrad: the weight on the old weights (TorchJD's alpha)
 PCD_TAU = 0.3
 STATEFUL = ("cr_mogm", "pcd")  # our transform with its state carried over a shape's matrices
@@ -126,13 +127,13 @@ def ours(name, gram, orders, targets):
     return agg.pcgrad_weights(gram, orders), targets
   if name == "gradvac":
     # TorchJD's beta is the weight on the new cosine: target_decay = 1 - beta.
-    return agg.gradvac_weights(gram, targets, orders, 0.5)
+    return agg.gradvac_weights(gram, targets, orders, target_decay=0.5)
   if name == "cagrad":
-    return agg.cagrad_weights(gram, 0.5), targets
+    return agg.cagrad_weights(gram, c=0.5), targets
   if name == "krum":
-    return agg.krum_weights(gram, 0, 1), targets
+    return agg.krum_weights(gram, n_byzantine=0, n_selected=1), targets
   if name == "nash_mtl":
-    return agg.nash_mtl_weights(gram, 1.0), targets
+    return agg.nash_mtl_weights(gram, max_norm=1.0), targets
   if name == "fairgrad":
     return agg.fairgrad_weights(gram, FAIRGRAD_ALPHA), targets
   if name == "constant":
@@ -212,7 +213,7 @@ def compare(trials, seed, only=None):
         source = {"cr_mogm": rng_cr_mogm, "pcd": rng_pcd}.get(name, rng)
         if name in STATEFUL:  # the transform itself, its state carried over the shape
           stateful = (
-            agg.cr_mogm(agg.upgrad(k), decay=CR_MOGM_DECAY)
+            agg.cr_mogm(agg.upgrad(k), weights_decay=CR_MOGM_DECAY)
             if name == "cr_mogm"
             else bloop_optax.pcd(PCD_TAU, num_objectives=k)
           )

@@ -12,7 +12,7 @@ from bloop_optax._baselines import MixedState
 from bloop_optax._baselines import SurgeryState
 from bloop_optax._baselines import dynamic_barrier
 from bloop_optax._baselines import mixed
-from bloop_optax._baselines import pcgrad
+from bloop_optax._baselines import pcgrad_pair
 from bloop_optax._bloop import BloopState
 from bloop_optax._bloop import bloop
 from bloop_optax._grads import value_and_grads
@@ -44,7 +44,7 @@ __all__ = (
   "multi_steps",
   "partition",
   "pcd",
-  "pcgrad",
+  "pcgrad_pair",
   "tree_dot",
   "tree_dots",
   "value_and_grads",

@@ -22,7 +22,7 @@ PyTree = Any
 
 
 class SurgeryState(NamedTuple):
-  r"""State of :func:`dynamic_barrier` and :func:`pcgrad` (no EMA).
+  r"""State of :func:`dynamic_barrier` and :func:`pcgrad_pair` (no EMA).
 
   Attributes:
     steps: int32 number of ``update`` calls (indexes ``aux_weight`` schedules).
@@ -170,7 +170,7 @@ def dynamic_barrier(
   return _no_ema_surgery("dynamic_barrier", aux_weight, coefficients)
 
 
-def pcgrad(aux_weight: _checks.ScalarOrSchedule) -> optax.GradientTransformationExtraArgs:
+def pcgrad_pair(aux_weight: _checks.ScalarOrSchedule) -> optax.GradientTransformationExtraArgs:
   r"""Two-task PCGrad with a weight on the aux task.
 
   With :math:`c = \langle M, A\rangle`: if :math:`c \ge 0`, :math:`D = M + \lambda A`; otherwise
@@ -186,7 +186,7 @@ def pcgrad(aux_weight: _checks.ScalarOrSchedule) -> optax.GradientTransformation
   Examples:
     >>> import jax.numpy as jnp
     >>> import bloop_optax
-    >>> tx = bloop_optax.pcgrad(aux_weight=1.0)
+    >>> tx = bloop_optax.pcgrad_pair(aux_weight=1.0)
     >>> state = tx.init(jnp.zeros(2))
     >>> d, state = tx.update(
     ...     bloop_optax.MainAux(jnp.array([1.0, 0.0]), jnp.array([-1.0, 1.0])),
@@ -204,4 +204,4 @@ def pcgrad(aux_weight: _checks.ScalarOrSchedule) -> optax.GradientTransformation
     c_aux = lam - jnp.where(conflict, r_aux, 0)
     return c_main, c_aux
 
-  return _no_ema_surgery("pcgrad", aux_weight, coefficients)
+  return _no_ema_surgery("pcgrad_pair", aux_weight, coefficients)

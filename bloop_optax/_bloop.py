@@ -47,8 +47,8 @@ class BloopState(NamedTuple):
 
 def bloop(
   aux_weight: _checks.ScalarOrSchedule = 0.1,
-  ema_decay: jax.typing.ArrayLike = 0.99,
   *,
+  ema_decay: jax.typing.ArrayLike = 0.99,
   ema_order: str = "update_first",
   track_cosine: bool = False,
   accumulator_dtype: Any | None = None,

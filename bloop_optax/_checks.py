@@ -10,6 +10,7 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 
+from bloop_optax import _grads_equinox
 from bloop_optax import _pair
 
 PyTree = Any
@@ -169,3 +170,31 @@ def check_params(params: PyTree, api: str) -> PyTree:
       " nnx.Optimizer does."
     )
   return params
+
+
+# ---------------------------------------------------------- value_and_grads
+
+
+def holds(tree: Any, predicate: Callable[[Any], bool]) -> bool:
+  """Whether some leaf of ``tree`` (``predicate`` marking leaves) satisfies it."""
+  return any(predicate(leaf) for leaf in jax.tree.leaves(tree, is_leaf=predicate))
+
+
+def check_differentiable(tree: Any, where: str) -> None:
+  """Raises TypeError naming the first leaf ``jax.grad`` cannot differentiate."""
+  for path, leaf in jax.tree_util.tree_flatten_with_path(tree)[0]:
+    if _grads_equinox.is_inexact_array(leaf) or isinstance(leaf, (float, complex)):
+      continue
+    at = f"{where} at {jax.tree_util.keystr(path) or 'the root'}"
+    if isinstance(leaf, (jax.Array, np.ndarray, bool, int, np.generic)):
+      kind = f"an integer or boolean leaf, {_pair._describe(jnp.asarray(leaf))}"
+    else:
+      kind = f"a non-array leaf, {type(leaf).__name__} {str(leaf)[:60]!r}"
+    raise TypeError(
+      f"value_and_grads: {at} is {kind}; only float (inexact) leaves can be"
+      " differentiated. Fixes: pass that value in an argument that is not in"
+      " argnums; or keep only the float leaves in the differentiated argument"
+      " (e.g. eqx.partition(model, eqx.is_inexact_array), or a dict of the"
+      " trainable arrays); Equinox modules and Flax NNX modules are filtered"
+      " automatically."
+    )

@@ -1,6 +1,11 @@
 """Every gradient of a function of several losses from one forward pass.
 
-Three kinds of differentiated argument are understood:
+The core here runs the forward pass once and one backward pass per loss; the
+arguments are adapted by one small adapter per kind (``_grads_pytree``,
+``_grads_equinox``, ``_grads_nnx``), each of one shape: what is differentiated,
+the call that rebuilds the arguments inside the trace, the state written back,
+the gradients per argument. Three kinds of differentiated argument are
+understood:
 
 * plain pytrees of float arrays (``jax.grad``'s rules; integer, boolean and
   non-array leaves are refused with the leaf's path);
@@ -16,13 +21,14 @@ Three kinds of differentiated argument are understood:
 from collections.abc import Callable
 from collections.abc import Sequence
 import functools
-import sys
 from typing import Any
 
 import jax
 import jax.numpy as jnp
-import numpy as np
 
+from bloop_optax import _checks
+from bloop_optax import _grads_nnx
+from bloop_optax import _grads_pytree
 from bloop_optax._pair import MainAux
 from bloop_optax._pair import _describe
 
@@ -58,93 +64,6 @@ def _losses(out: Any, has_aux: bool) -> tuple[jax.Array, ...]:
   return tuple(out)
 
 
-# ------------------------------------------------------------------ frameworks
-
-
-def _nnx():
-  """flax.nnx if the user has imported it (never imported here), else None."""
-  return sys.modules.get("flax.nnx")
-
-
-def _eqx_module_type():
-  eqx = sys.modules.get("equinox")
-  return None if eqx is None else eqx.Module
-
-
-def _is_nnx_object(x: Any) -> bool:
-  nnx = _nnx()
-  if nnx is None:
-    return False
-  bases = tuple(getattr(nnx, n) for n in ("Pytree", "Object", "Variable") if hasattr(nnx, n))
-  return isinstance(x, bases)
-
-
-def _is_nnx_graph_object(x: Any) -> bool:
-  """An NNX module, Rngs or other graph object (not a bare Variable)."""
-  nnx = _nnx()
-  return _is_nnx_object(x) and not isinstance(x, nnx.Variable)
-
-
-def _nnx_tree_mode() -> bool:
-  """Whether Flax NNX runs in tree mode (``nnx.set_graph_mode(False)``), where
-  its modules are plain pytrees; flax versions without the switch are graph only."""
-  nnx = _nnx()
-  switch = None if nnx is None else getattr(nnx, "set_graph_mode", None)
-  return switch is not None and not switch.current_value()
-
-
-def _is_diff_state(x: Any) -> bool:
-  nnx = _nnx()
-  return nnx is not None and isinstance(x, getattr(nnx, "DiffState", ()))
-
-
-def _variables(tree: Any) -> list[Any]:
-  """The NNX Variables of a pytree, in flattening order."""
-  variable = _nnx().Variable
-  leaves = jax.tree.leaves(tree, is_leaf=lambda x: isinstance(x, variable))
-  return [x for x in leaves if isinstance(x, variable)]
-
-
-def _get(variable: Any) -> Any:
-  return variable.get_value() if hasattr(variable, "get_value") else variable.value
-
-
-def _set(variable: Any, value: Any) -> None:
-  if hasattr(variable, "set_value"):
-    variable.set_value(value)
-  else:
-    variable.value = value
-
-
-def _holds(tree: Any, predicate: Callable[[Any], bool]) -> bool:
-  return any(predicate(leaf) for leaf in jax.tree.leaves(tree, is_leaf=predicate))
-
-
-def _is_inexact_array(x: Any) -> bool:
-  """Equinox's rule: a JAX or NumPy array of a floating or complex dtype."""
-  return isinstance(x, (jax.Array, np.ndarray)) and jnp.issubdtype(x.dtype, jnp.inexact)
-
-
-def _check_differentiable(tree: Any, where: str) -> None:
-  """Raises TypeError naming the first leaf ``jax.grad`` cannot differentiate."""
-  for path, leaf in jax.tree_util.tree_flatten_with_path(tree)[0]:
-    if _is_inexact_array(leaf) or isinstance(leaf, (float, complex)):
-      continue
-    at = f"{where} at {jax.tree_util.keystr(path) or 'the root'}"
-    if isinstance(leaf, (jax.Array, np.ndarray, bool, int, np.generic)):
-      kind = f"an integer or boolean leaf, {_describe(jnp.asarray(leaf))}"
-    else:
-      kind = f"a non-array leaf, {type(leaf).__name__} {str(leaf)[:60]!r}"
-    raise TypeError(
-      f"{_API}: {at} is {kind}; only float (inexact) leaves can be"
-      " differentiated. Fixes: pass that value in an argument that is not in"
-      " argnums; or keep only the float leaves in the differentiated argument"
-      " (e.g. eqx.partition(model, eqx.is_inexact_array), or a dict of the"
-      " trainable arrays); Equinox modules and Flax NNX modules are filtered"
-      " automatically."
-    )
-
-
 # ------------------------------------------------------------------ the core
 
 
@@ -154,46 +73,13 @@ def _one_forward(restricted: Callable[..., Any], diff: tuple[Any, ...]):
   # Transposing each output's projection of the linearization, instead of
   # pulling (1, 0) and (0, 1) back through the joint vjp, lets JAX treat the
   # other losses' cotangents as symbolic zeros: each backward pass covers
-  # only its own loss's graph (a regulariser's gradient no longer costs a
+  # only its own loss's graph (a regulariser's gradient does not cost a
   # second backward pass through the network).
   grads = []
   for k, loss in enumerate(losses):
     transpose = jax.linear_transpose(lambda *t, k=k: tangent_fn(*t)[k], *diff)
     grads.append(transpose(jnp.ones_like(loss)))
   return losses, grads, data
-
-
-class _Filtered:
-  """A differentiated argument split into its inexact leaves and the rest."""
-
-  def __init__(self, tree: Any):
-    leaves, self.treedef = jax.tree.flatten(tree)
-    self.mask = [_is_inexact_array(x) for x in leaves]
-    self.static = [None if m else x for x, m in zip(leaves, self.mask, strict=True)]
-    self.diff = [x for x, m in zip(leaves, self.mask, strict=True) if m]
-
-  def combine(self, diff: list[Any]) -> Any:
-    it = iter(diff)
-    leaves = [next(it) if m else s for s, m in zip(self.static, self.mask, strict=True)]
-    return self.treedef.unflatten(leaves)
-
-  def grads(self, diff_grads: list[Any]) -> Any:
-    it = iter(diff_grads)
-    return self.treedef.unflatten([next(it) if m else None for m in self.mask])
-
-
-def _nnx_error_hint(err: Exception) -> Exception | None:
-  nnx = _nnx()
-  errors = sys.modules.get("flax.errors")
-  if nnx is None or errors is None or not isinstance(err, errors.TraceContextError):
-    return None
-  return type(err)(
-    f"{err}\n{_API}: a Flax NNX object that fun closes over (not one of its"
-    " arguments) was mutated inside the forward pass, e.g. call-time nnx.Rngs"
-    " used by Dropout. Pass it to the function as an argument instead, as"
-    " nnx.value_and_grad needs too: value_and_grads(loss_fn)(model, batch,"
-    " rngs). Its state change is then written back, once per call."
-  )
 
 
 def value_and_grads(
@@ -262,11 +148,11 @@ def value_and_grads(
     Hsieh et al., "Careful with that Scalpel: Improving Gradient Surgery with
     an EMA", ICML 2024 (arXiv:2402.02998).
   """
-  single = isinstance(argnums, int) or _is_diff_state(argnums)
+  single = isinstance(argnums, int) or _grads_nnx.is_diff_state(argnums)
   entries = (argnums,) if single else tuple(argnums)
   nums, filters = [], {}  # filters: argnum -> the NNX filter a DiffState gave it
   for entry in entries:
-    if _is_diff_state(entry):
+    if _grads_nnx.is_diff_state(entry):
       if wrt is not None:
         raise TypeError(
           f"{_API}: got both wrt= and an nnx.DiffState in argnums; give the filter once,"
@@ -300,6 +186,9 @@ def value_and_grads(
       grads = tuple(grads)
     return ((losses, data) if has_aux else losses), grads
 
+  def call_fun(*args, **kwargs):
+    return check_has_aux(fun(*args, **kwargs))
+
   @functools.wraps(fun)
   def wrapped(*args, **kwargs):
     for n in nums:
@@ -309,14 +198,13 @@ def value_and_grads(
           f" {n}; got {len(args)} positional argument(s)."
         )
     nums_pos = tuple(n % len(args) for n in nums)
-    holds_nnx = _holds((args, kwargs), _is_nnx_object)
-    tree_mode = holds_nnx and _nnx_tree_mode()
+    holds_nnx = _checks.holds((args, kwargs), _grads_nnx.is_object)
+    tree_mode = holds_nnx and _grads_nnx.tree_mode()
     if holds_nnx and not tree_mode:
-      arg_filters = {
-        n % len(args): filters.get(n, wrt if wrt is not None else _nnx().Param) for n in nums
-      }
-      return _nnx_call(fun, args, kwargs, nums_pos, single, arg_filters, check_has_aux, package)
-    if wrt is not None or filters:
+      nnx_filter = wrt if wrt is not None else _grads_nnx.nnx().Param
+      arg_filters = {n % len(args): filters.get(n, nnx_filter) for n in nums}
+      adapter = _grads_nnx.GraphCall(args, kwargs, nums_pos, arg_filters)
+    elif wrt is not None or filters:
       given = "wrt=" if wrt is not None else "an nnx.DiffState in argnums"
       raise TypeError(
         f"{_API}: {given} selects Flax NNX state, but "
@@ -329,133 +217,17 @@ def value_and_grads(
           else "no argument holds a Flax NNX object. Drop it, or pass the nnx.Module."
         )
       )
-    eqx_module = _eqx_module_type()
-    filtered = {}
-    for n in nums_pos:
-      if (eqx_module is not None and _holds(args[n], lambda x: isinstance(x, eqx_module))) or (
-        tree_mode and _holds(args[n], _is_nnx_object)
-      ):
-        filtered[n] = _Filtered(args[n])
-      else:
-        _check_differentiable(args[n], f"argument {n} (in argnums)")
-    # The other arguments are closed over. Rebuilding their pytrees inside the
-    # traced function gives pytree nodes that record the inner trace.
-    leaves, treedef = jax.tree.flatten((args, kwargs))
-
-    def restricted(*diff_args):
-      full_args, full_kwargs = jax.tree.unflatten(treedef, leaves)
-      full_args = list(full_args)
-      for n, value in zip(nums_pos, diff_args, strict=True):
-        full_args[n] = filtered[n].combine(value) if n in filtered else value
-      losses, data = check_has_aux(fun(*full_args, **full_kwargs))
-      if tree_mode:  # the Variables' values after the forward pass, to write back
-        data = (data, [_get(v) for v in _variables((full_args, full_kwargs))])
-      return losses, data
-
-    diff = tuple(filtered[n].diff if n in filtered else args[n] for n in nums_pos)
-    losses, grads, data = _one_forward(restricted, diff)
-    if tree_mode:
-      data, values = data
-      for variable, value in zip(_variables((args, kwargs)), values, strict=True):
-        _set(variable, value)
-    grads = [
-      tuple(
-        filtered[n].grads(g_n) if n in filtered else g_n for n, g_n in zip(nums_pos, g, strict=True)
-      )
-      for g in grads
-    ]
+    else:
+      adapter = _grads_pytree.PytreeCall(args, kwargs, nums_pos, tree_mode)
+    try:
+      losses, grads, data = _one_forward(lambda *d: adapter.call(call_fun, d), adapter.diff)
+    except Exception as err:
+      hinted = _grads_nnx.error_hint(err)
+      if hinted is None:
+        raise
+      raise hinted from err
+    data = adapter.finish(data)
+    grads = [adapter.grads(g) for g in grads]
     return package(losses, [g[0] if single else g for g in grads], data)
 
   return wrapped
-
-
-def _nnx_call(fun, args, kwargs, nums_pos, single, arg_filters, check_has_aux, package):
-  """``value_and_grads`` when an argument holds Flax NNX objects (graph mode);
-  ``arg_filters`` maps each differentiated argument to the filter of its state."""
-  nnx = _nnx()
-  filterlib = sys.modules["flax.nnx.filterlib"]
-  keeps = {n: filterlib.to_predicate(f) for n, f in arg_filters.items()}
-  arg_flat = [jax.tree.flatten(a, is_leaf=_is_nnx_object) for a in args]
-  kw_flat, kw_def = jax.tree.flatten(kwargs, is_leaf=_is_nnx_object)
-  # Every NNX object of every argument, split together (shared references
-  # stay shared), those of the differentiated arguments first.
-  order = list(nums_pos) + [i for i in range(len(args)) if i not in nums_pos]
-  nodes, where = [], {}
-  for i in order:
-    for j, leaf in enumerate(arg_flat[i][0]):
-      if _is_nnx_object(leaf):
-        where[(i, j)] = len(nodes)
-        nodes.append(leaf)
-  for j, leaf in enumerate(kw_flat):
-    if _is_nnx_object(leaf):
-      where[("kw", j)] = len(nodes)
-      nodes.append(leaf)
-  node_arg = {k: i for (i, _), k in where.items()}  # node index -> its argument
-
-  def is_diff(path, value):
-    n = node_arg[path[0]]
-    return n in keeps and keeps[n](path[1:], value)
-
-  graphdef, diff_state, rest_state = nnx.split(tuple(nodes), is_diff, ...)
-  plain = {}  # the non-NNX leaves of the differentiated arguments
-  for n in nums_pos:
-    leaves = [x for j, x in enumerate(arg_flat[n][0]) if (n, j) not in where]
-    _check_differentiable(leaves, f"argument {n} (in argnums), its non-NNX leaf")
-    plain[n] = leaves
-
-  def rebuild(new_nodes, plain_values):
-    out_args = []
-    for i, (leaves, tdef) in enumerate(arg_flat):
-      it = iter(plain_values.get(i, ()))
-      fresh = [
-        new_nodes[where[(i, j)]] if (i, j) in where else (next(it) if i in plain_values else x)
-        for j, x in enumerate(leaves)
-      ]
-      out_args.append(tdef.unflatten(fresh))
-    fresh_kw = [
-      new_nodes[where[("kw", j)]] if ("kw", j) in where else x for j, x in enumerate(kw_flat)
-    ]
-    return out_args, kw_def.unflatten(fresh_kw)
-
-  # Rebuilt inside the trace: Variables made there may be mutated there.
-  rest_leaves, rest_def = jax.tree.flatten(rest_state)
-
-  def restricted(diff_state, plain_values):
-    rest = jax.tree.unflatten(rest_def, rest_leaves)
-    new_nodes = nnx.merge(graphdef, diff_state, rest)
-    full_args, full_kwargs = rebuild(new_nodes, plain_values)
-    losses, data = check_has_aux(fun(*full_args, **full_kwargs))
-    if _holds(data, _is_nnx_graph_object):
-      raise TypeError(
-        f"{_API}: fun's aux_data holds a Flax NNX module or Rngs; return its state"
-        " (nnx.state(obj)) or arrays instead. The objects passed as arguments"
-        " are updated in place."
-      )
-    return losses, (data, nnx.state(new_nodes))
-
-  try:
-    losses, grads, (data, new_state) = _one_forward(restricted, (diff_state, plain))
-  except Exception as err:
-    hinted = _nnx_error_hint(err)
-    if hinted is None:
-      raise
-    raise hinted from err
-  nnx.update(tuple(nodes), new_state)
-
-  def per_argument(g):
-    g_state, g_plain = g
-    out = []
-    for n in nums_pos:
-      leaves, tdef = arg_flat[n]
-      it = iter(g_plain[n])
-      fresh = []
-      for j, _ in enumerate(leaves):
-        if (n, j) in where:
-          k = where[(n, j)]
-          fresh.append(g_state[k] if k in g_state else nnx.State({}))
-        else:
-          fresh.append(next(it))
-      out.append(tdef.unflatten(fresh))
-    return out[0] if single else tuple(out)
-
-  return package(losses, [per_argument(g) for g in grads], data)

@@ -36,8 +36,8 @@ class HierarchicalBloopState(NamedTuple):
 
 def hierarchical_bloop(
   aux_weights: Sequence[_checks.ScalarOrSchedule],
-  ema_decay: jax.typing.ArrayLike = 0.99,
   *,
+  ema_decay: jax.typing.ArrayLike = 0.99,
   accumulator_dtype: Any | None = None,
 ) -> optax.GradientTransformationExtraArgs:
   r"""Bloop for objectives in strict priority, the main loss first.

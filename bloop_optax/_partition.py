@@ -66,7 +66,7 @@ def partition(
     >>> import jax.numpy as jnp
     >>> import bloop_optax
     >>> tx = bloop_optax.partition(
-    ...     {"a": bloop_optax.bloop(1.0, 0.0), "b": bloop_optax.mixed(1.0)},
+    ...     {"a": bloop_optax.bloop(1.0, ema_decay=0.0), "b": bloop_optax.mixed(1.0)},
     ...     {"x": "a", "y": "b"})
     >>> m = {"x": jnp.array([1.0, 0.0]), "y": jnp.array([1.0])}
     >>> a = {"x": jnp.array([1.0, 1.0]), "y": jnp.array([2.0])}

@@ -18,8 +18,8 @@ import optax
 
 from bloop_optax import _checks
 from bloop_optax import _qp
-from bloop_optax._aggregators import _aggregator
-from bloop_optax._aggregators import _check_count
+from bloop_optax.aggregators._base import _aggregator
+from bloop_optax.aggregators._base import _check_count
 
 PyTree = Any
 
@@ -155,7 +155,9 @@ def _multipliers(gt: jax.Array, taus: jax.Array) -> jax.Array:
   return jnp.concatenate([one, jnp.where(feasible, mu, 0)])
 
 
-def pcd_weights(gram: jax.Array, scales: jax.Array, tau: jax.typing.ArrayLike = 0.02) -> jax.Array:
+def pcd_weights(
+  gram: jax.Array, scales: jax.Array, *, tau: jax.typing.ArrayLike = 0.02
+) -> jax.Array:
   r"""PCD's weights on the raw gradients, :math:`d = \sum_i w_i g_i`.
 
   With :math:`s` = ``scales`` (:math:`s_i = 1 / \sqrt{\hat v_i + \epsilon}` in

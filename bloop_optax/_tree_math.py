@@ -193,46 +193,72 @@ def _scale_factors(e: jax.Array, dtype: Any) -> tuple[jax.Array, jax.Array]:
   return jnp.ldexp(one, -half), jnp.ldexp(one, half - e)
 
 
-def _rescaled(trees: Sequence[PyTree], pairs: Sequence[tuple[int, int]], dtype) -> Dots:
-  """The slow path of :func:`safe_dots`.
+# Above this many per-leaf reductions (pairs times leaves) the inner products
+# are taken as one full-precision product of the K stacked leaves per leaf,
+# which compiles in a time that does not grow with the pairs; below it, one
+# multiply-and-reduce per pair and leaf, which runs at memory speed and keeps
+# no parameter-sized temporary. Both forms share the overflow path below.
+MAX_PAIRWISE_REDUCTIONS = 4096
 
-  Each leaf ``x`` is scaled by ``2**-e_x`` from its own largest magnitude (so
-  no product can overflow) and each leaf's sum is brought back to its tree's
-  exponent ``e_X`` (the largest of its leaves') by an exact power of two.
 
-  Each inner product is its own ``lax.cond`` branch taking the exponents as
-  operands: XLA then sees opaque scalars and fuses the scaling into the
-  reduction. A scaled leaf shared by two reductions, or one factor broadcast to
-  leaves of equal shape, would be stored instead: a parameter-sized
-  temporary.
+def _pairwise(per_leaf, pairs, dtype, scales=None) -> jax.Array:
+  """One multiply-and-reduce per pair and leaf, summed over the leaves.
+
+  ``scales``: ``None``, or :func:`_leaf_scales`' three ``[K, leaves]`` factors
+  (leaf ``n`` of tree ``i`` is read as ``x * a[i, n] * b[i, n]``, an exact
+  rescaling, and its products brought back by ``back``). They pass through an
+  optimization barrier per pair, so XLA sees opaque scalars and fuses each
+  scaling into its reduction instead of storing a scaled copy of a leaf that
+  several pairs read.
   """
-  maxima = [[jnp.max(jnp.abs(x), initial=0) for x in jax.tree.leaves(t)] for t in trees]
-  finite = jnp.all(jnp.stack([jnp.isfinite(m) for ms in maxima for m in ms]))
-  leaf_exps = [[_exponent(m.astype(wide(m.dtype))) for m in ms] for ms in maxima]
-  tree_exps = [jnp.max(jnp.stack(e)) if e else jnp.zeros([], jnp.int32) for e in leaf_exps]
+  values = []
+  for i, j in pairs:
+    total = jnp.zeros((), dtype)
+    factors = None
+    if scales is not None:
+      factors = lax.optimization_barrier(tuple(f[m] for f in scales for m in (i, j)))
+    for n, xs in enumerate(per_leaf):
+      x, y = xs[i], xs[j]
+      w = wide(x.dtype, y.dtype)
+      x, y = x.astype(w), y.astype(w)
+      if factors is None:
+        part = jnp.sum(x * y)
+      else:
+        a_i, a_j, b_i, b_j, back_i, back_j = (f[n].astype(w) for f in factors)
+        part = jnp.sum((x * a_i * b_i) * (y * a_j * b_j)) * back_i * back_j
+      total = total.astype(wide(total.dtype, part.dtype)) + part
+    values.append(total)
+  out_dtype = wide(dtype, *(v.dtype for v in values))
+  return jnp.stack([v.astype(out_dtype) for v in values])
 
-  def pair_dot(i, j):
-    def scaled(exps_x, exps_y, e_x, e_y):
-      total = jnp.zeros((), dtype)
-      leaves = zip(
-        jax.tree.leaves(trees[i]), jax.tree.leaves(trees[j]), exps_x, exps_y, strict=True
-      )
-      for x, y, ex, ey in leaves:
-        w = wide(x.dtype, y.dtype)
-        fx, fy = _scale_factors(ex, w), _scale_factors(ey, w)
-        part = jnp.sum((x.astype(w) * fx[0] * fx[1]) * (y.astype(w) * fy[0] * fy[1]))
-        total = total + jnp.ldexp(part, ex + ey - e_x - e_y).astype(dtype)  # shift <= 0
-      return total
 
-    def not_finite(*args):
-      del args
-      return jnp.full([], jnp.nan, dtype)
+def _stacked(per_leaf, pairs, k, dtype, scales=None) -> jax.Array:
+  """The requested entries of the K x K Gram matrix, as one full-precision
+  product of the K stacked leaves per leaf (the stacked leaves are a
+  temporary as large as the K trees). ``scales`` as in :func:`_pairwise`."""
+  total = jnp.zeros((k, k), dtype)
+  for n, xs in enumerate(per_leaf):
+    w = wide(*(x.dtype for x in xs))
+    stacked = jnp.stack([x.astype(w) for x in xs])
+    if scales is not None:
+      a, b, back = (f[:, n].astype(w) for f in scales)
+      shape = (k,) + (1,) * (stacked.ndim - 1)
+      stacked = stacked * a.reshape(shape) * b.reshape(shape)
+    part = _self_product(stacked).astype(w)
+    if scales is not None:
+      part = part * back[:, None] * back[None, :]
+    total = total.astype(wide(total.dtype, w)) + part
+  if pairs is None:  # the whole matrix
+    return total
+  return jnp.stack([total[i, j] for i, j in pairs])
 
-    operands = (leaf_exps[i], leaf_exps[j], tree_exps[i], tree_exps[j])
-    return lax.cond(finite, scaled, not_finite, *operands)
 
-  values = jnp.stack([pair_dot(i, j) for i, j in pairs])
-  return Dots(values, jnp.stack(tree_exps), finite)
+def _leaf_scales(leaf_exps: jax.Array, tree_exps: jax.Array, dtype: Any):
+  """For leaf exponents ``[K, leaves]``: ``a * b = 2**-e_leaf`` (neither
+  subnormal) and ``back = 2**(e_leaf - e_tree) <= 1``, all exact powers of two."""
+  a, b = _scale_factors(leaf_exps, dtype)
+  back = jnp.ldexp(jnp.ones((), dtype), leaf_exps - tree_exps[:, None])
+  return a, b, back
 
 
 def safe_dots(
@@ -240,17 +266,20 @@ def safe_dots(
   pairs: Sequence[tuple[int, int]],
   skip_slow: jax.Array | bool = False,
 ) -> Dots:
-  """Inner products ``<trees[i], trees[j]>`` for ``(i, j)`` in ``pairs``.
+  """Inner products ``<trees[i], trees[j]>`` for ``(i, j)`` in ``pairs``, exact at any scale.
 
-  The fast path is the plain float32 (or wider) sums. Only
-  when one of them is not finite does a ``lax.cond`` branch find out why: it
-  reads the largest magnitude of every leaf, so NaN and Inf inputs are told
-  apart from sums that overflowed, rescales each leaf by a power of two (an
-  exact operation) and sums again. Then ``<X_i, X_j> = values * 2**(e_i + e_j)``
-  holds at any scale, and ``finite`` says whether the inputs were finite.
+  The one place the package takes global inner products of gradients. The
+  ordinary path is float32 (or wider) sums: one multiply-and-reduce per pair
+  and leaf, or past ``MAX_PAIRWISE_REDUCTIONS`` of them one product of the
+  stacked leaves per leaf. Only when a sum is not finite does ONE ``lax.cond``
+  branch find out why: it reads the largest magnitude of every leaf, so NaN
+  and Inf inputs are told apart from sums that overflowed, scales each leaf by
+  a power of two (an exact operation) and takes the same form of sums again.
+  Then ``<X_i, X_j> = values * 2**(e_i + e_j)`` holds at any scale, and
+  ``finite`` says whether the inputs were finite.
 
   Args:
-    trees: the pytrees.
+    trees: the pytrees (same structure and leaf shapes).
     pairs: index pairs into ``trees``.
     skip_slow: a boolean scalar; where true the slow path is not taken (e.g.
       when the inputs are already known not to be finite).
@@ -258,17 +287,60 @@ def safe_dots(
   Returns:
     :class:`Dots`.
   """
-  fast = tree_dots(*((trees[i], trees[j]) for i, j in pairs))
-  n = len(trees)
+  return _inner(trees, [tuple(p) for p in pairs], skip_slow)
+
+
+def _inner(trees, pairs, skip_slow) -> Dots:
+  """:func:`safe_dots`, or with ``pairs=None`` the K x K Gram matrix."""
+  k = len(trees)
+  count = k * (k + 1) // 2 if pairs is None else len(pairs)
+  per_leaf = list(zip(*(jax.tree.leaves(t) for t in trees), strict=True))
+  pairwise = count * len(per_leaf) <= MAX_PAIRWISE_REDUCTIONS
+  dtype = wide(*(x.dtype for xs in per_leaf for x in xs))
+  if pairwise and pairs is None:  # the upper triangle's sums, mirrored afterwards
+    upper = upper_pairs(k)
+    dots = _inner(trees, upper, skip_slow)
+    return dots._replace(values=matrix_from_pairs(dots.values, upper, (k, k), symmetric=True))
+
+  fast = _sums(per_leaf, pairs, k, dtype, pairwise)
 
   def fast_path():
-    return Dots(fast, jnp.zeros([n], jnp.int32), jnp.ones([], bool))
+    return Dots(fast, jnp.zeros([k], jnp.int32), jnp.ones([], bool))
 
   def slow_path():
-    return _rescaled(trees, pairs, fast.dtype)
+    return _rescaled(per_leaf, pairs, k, fast.dtype, pairwise)
 
   overflow = ~jnp.all(jnp.isfinite(fast)) & ~jnp.asarray(skip_slow)
   return lax.cond(overflow, slow_path, fast_path)
+
+
+def _sums(per_leaf, pairs, k, dtype, pairwise, scales=None) -> jax.Array:
+  """The inner products of ``pairs``, or (stacked form) with ``pairs=None`` the
+  K x K matrix."""
+  if pairwise:
+    return _pairwise(per_leaf, pairs, dtype, scales)
+  return _stacked(per_leaf, pairs, k, dtype, scales)
+
+
+def _rescaled(per_leaf, pairs, k, dtype, pairwise) -> Dots:
+  """The overflow path of :func:`safe_dots`: every leaf scaled by a power of two
+  from its own largest magnitude, each tree's exponent the largest of its
+  leaves'. NaN values (and ``finite`` false) when an input is not finite."""
+  per_tree = list(zip(*per_leaf, strict=True)) if per_leaf else [() for _ in range(k)]
+  wide_dtype = wide(*(x.dtype for xs in per_leaf for x in xs))
+  maxima = jnp.stack(
+    [
+      jnp.stack([jnp.max(jnp.abs(x), initial=0).astype(wide_dtype) for x in xs] or [one_zero])
+      for xs in per_tree
+      for one_zero in [jnp.zeros((), wide_dtype)]
+    ]
+  )  # [K, leaves] (a zero column for trees without leaves)
+  finite = jnp.all(jnp.isfinite(maxima))
+  leaf_exps = _exponent(maxima)
+  tree_exps = jnp.max(leaf_exps, axis=1)
+  scales = _leaf_scales(leaf_exps, tree_exps, wide_dtype)
+  values = _sums(per_leaf, pairs, k, dtype, pairwise, scales).astype(dtype)
+  return Dots(jnp.where(finite, values, jnp.nan), tree_exps, finite)
 
 
 def scaled_ratio(num: jax.Array, den: jax.Array, exp: jax.Array) -> jax.Array:
@@ -300,7 +372,7 @@ def _self_product(stacked: jax.Array) -> jax.Array:
     typeof = getattr(jax, "typeof", None) or jax.core.get_aval
     mesh = getattr(getattr(typeof(stacked), "sharding", None), "mesh", None)
     for out in (replicated, jax.sharding.NamedSharding(mesh, replicated)):
-      try:  # newer jax takes a PartitionSpec; jax 0.6 needs a NamedSharding
+      try:  # a PartitionSpec, or the NamedSharding that jax 0.6 needs
         return lax.dot_general(
           stacked, stacked, numbers, precision=lax.Precision.HIGHEST, out_sharding=out
         )
@@ -309,74 +381,16 @@ def _self_product(stacked: jax.Array) -> jax.Array:
     raise err
 
 
-# Above this many per-leaf reductions (pairs times leaves), the ordinary path of
-# :func:`gram` is also the stacked product. Measured on a 2-core CPU with 8
-# leaves (benchmarks.speed --many-objectives): at K = 16 (1,088 reductions) the
-# pairwise sums run 7.3x `mean` + adam against 12x for the stacked product; at
-# K = 64 (16,640) they take 36-51 s to compile and run 21-25x, the stacked
-# product 2-4 s and 16-20x.
-MAX_PAIRWISE_REDUCTIONS = 4096
+def upper_pairs(k: int) -> list[tuple[int, int]]:
+  """The pairs ``(i, j)``, ``i <= j < k``, of a symmetric K x K matrix."""
+  return [(i, j) for i in range(k) for j in range(i, k)]
 
 
 def gram(trees: Sequence[PyTree], skip_slow: jax.Array | bool = False) -> Dots:
   """The Gram matrix ``<trees[i], trees[j]>`` of K trees, exact at any scale.
 
-  ``values`` is the K x K matrix with ``<X_i, X_j> = values[i, j] * 2**(e_i +
-  e_j)``, as in :func:`safe_dots`. The ordinary path is the K(K+1)/2 pairwise
-  float32 sums (one reduction per leaf each, which XLA compiles quickly and
-  runs at memory speed). When one is not finite, ONE ``lax.cond`` branch tells
-  NaN and Inf inputs apart from overflow, scales every leaf by exact powers of
-  two from its largest magnitude and takes one full-precision product of the
-  K stacked leaves per leaf: the compiled program grows with the leaves, not
-  with a branch per pair (which made compile time grow steeply with K). That
-  branch stores the stacked leaves, a temporary as large as the K trees. Past
-  ``MAX_PAIRWISE_REDUCTIONS`` the ordinary path is that product too.
+  :func:`safe_dots` over the K (K + 1) / 2 pairs (one product of the stacked
+  leaves per leaf in the stacked form); ``values`` is the K x K matrix with
+  ``<X_i, X_j> = values[i, j] * 2**(e_i + e_j)``.
   """
-  k = len(trees)
-  per_leaf = list(zip(*(jax.tree.leaves(t) for t in trees), strict=True))
-
-  def product(scales):
-    total = None
-    for n, xs in enumerate(per_leaf):
-      w = wide(*(x.dtype for x in xs))
-      stacked = jnp.stack([x.astype(w) for x in xs])
-      if scales is not None:
-        a, b, _ = scales
-        shape = (k,) + (1,) * (stacked.ndim - 1)
-        stacked = stacked * a[:, n].astype(w).reshape(shape) * b[:, n].astype(w).reshape(shape)
-      part = _self_product(stacked).astype(w)
-      if scales is not None:
-        back = scales[2][:, n].astype(w)
-        part = part * back[:, None] * back[None, :]
-      total = part if total is None else total.astype(wide(total.dtype, w)) + part
-    return total
-
-  pairs = [(i, j) for i in range(k) for j in range(i, k)]
-  if len(pairs) * len(per_leaf) <= MAX_PAIRWISE_REDUCTIONS:
-    fast = matrix_from_pairs(
-      tree_dots(*((trees[i], trees[j]) for i, j in pairs)), pairs, (k, k), symmetric=True
-    )
-  else:  # too many reductions to compile quickly: the stacked product (slower on XLA:CPU)
-    fast = product(None)
-
-  def fast_path():
-    return Dots(fast, jnp.zeros([k], jnp.int32), jnp.ones([], bool))
-
-  def slow_path():
-    maxima = jnp.stack(
-      [
-        jnp.stack([jnp.max(jnp.abs(x), initial=0).astype(jnp.float32) for x in xs])
-        for xs in per_leaf
-      ],
-      axis=1,
-    )  # [K, leaves]
-    finite = jnp.all(jnp.isfinite(maxima))
-    leaf_exps = _exponent(maxima)
-    tree_exps = jnp.max(leaf_exps, axis=1)
-    a, b = _scale_factors(leaf_exps, jnp.float32)
-    back = jnp.ldexp(jnp.ones((), jnp.float32), leaf_exps - tree_exps[:, None])  # <= 1
-    values = product((a, b, back)).astype(fast.dtype)
-    return Dots(jnp.where(finite, values, jnp.nan), tree_exps, finite)
-
-  overflow = ~jnp.all(jnp.isfinite(fast)) & ~jnp.asarray(skip_slow)
-  return lax.cond(overflow, slow_path, fast_path)
+  return _inner(trees, None, skip_slow)

@@ -11,6 +11,22 @@ import optax
 
 import bloop_optax
 from bloop_optax import aggregators
+from bloop_optax.aggregators import _catalogue
+
+# Which EMA settings of each aggregator the contract covers (default: the method
+# as published). Rules that share every code path but the weight rule with
+# another are covered by their EMA variant, the superset.
+EMA_VARIANTS = {
+  name: (None, 0.9) for name in ("mgda", "pcgrad", "cagrad", "imtl_g", "aligned_mtl", "upgrad")
+} | {"dualproj": (0.9,), "config": (0.9,), "nash_mtl": (0.9,)}
+# Keyword arguments of the instance each aggregator is checked with.
+AGGREGATOR_OPTIONS = {
+  "krum": {"n_byzantine": 0, "n_selected": 2},
+  "random": {"key": 2},
+  "gradvac": {"target_decay": 0.5, "key": 1},
+  "moco": {"ema_decay": 0.9, "step_size": 0.2, "rho": 0.0},
+  "nash_mtl": {"max_norm": 1.0},
+}
 
 
 @dataclasses.dataclass(frozen=True)
@@ -32,14 +48,14 @@ def _cases() -> list[Case]:
   cases = [
     Case(
       "bloop",
-      lambda: bloop_optax.bloop(0.3, 0.9),
+      lambda: bloop_optax.bloop(0.3, ema_decay=0.9),
       2,
       bloop_optax.bloop,
       {"aux_weight": 0.3, "ema_decay": 0.9},
     ),
     Case(
       "bloop_project_first",
-      lambda: bloop_optax.bloop(0.3, 0.9, ema_order="project_first"),
+      lambda: bloop_optax.bloop(0.3, ema_decay=0.9, ema_order="project_first"),
       2,
       bloop_optax.bloop,
       {"aux_weight": 0.3, "ema_decay": 0.9, "ema_order": "project_first"},
@@ -53,10 +69,16 @@ def _cases() -> list[Case]:
       bloop_optax.dynamic_barrier,
       {"aux_weight": 0.3},
     ),
-    Case("pcgrad", lambda: bloop_optax.pcgrad(0.3), 2, bloop_optax.pcgrad, {"aux_weight": 0.3}),
+    Case(
+      "pcgrad",
+      lambda: bloop_optax.pcgrad_pair(0.3),
+      2,
+      bloop_optax.pcgrad_pair,
+      {"aux_weight": 0.3},
+    ),
     Case(
       "hierarchical_bloop",
-      lambda: bloop_optax.hierarchical_bloop((0.3, 0.1), 0.9),
+      lambda: bloop_optax.hierarchical_bloop((0.3, 0.1), ema_decay=0.9),
       3,
       bloop_optax.hierarchical_bloop,
       {"aux_weights": (0.3, 0.1), "ema_decay": 0.9},
@@ -80,13 +102,13 @@ def _cases() -> list[Case]:
     ),
     Case(
       "multi_steps",
-      lambda: bloop_optax.multi_steps(bloop_optax.bloop(0.3, 0.9), every_k=2),
+      lambda: bloop_optax.multi_steps(bloop_optax.bloop(0.3, ema_decay=0.9), every_k=2),
       2,
     ),
     Case(
       "partition",
       lambda: bloop_optax.partition(
-        {"a": bloop_optax.bloop(0.3, 0.9), "b": bloop_optax.mixed(0.3)},
+        {"a": bloop_optax.bloop(0.3, ema_decay=0.9), "b": bloop_optax.mixed(0.3)},
         lambda p: {k: "b" if k == "b" else "a" for k in p},
       ),
       2,
@@ -100,86 +122,47 @@ def _cases() -> list[Case]:
       ("num_objectives",),
     ),
   ]
-  for name in ("mgda", "pcgrad", "cagrad", "imtl_g", "aligned_mtl", "upgrad", "dualproj", "config"):
-    factory = getattr(aggregators, name)
-    # DualProj and ConFIG share every code path but the rule with the others:
-    # their EMA variant (the superset) is enough here.
-    for decay in (0.9,) if name in ("dualproj", "config") else (None, 0.9):
+  for entry in _catalogue.ENTRIES:
+    if entry.name == "mean":
+      continue
+    options = AGGREGATOR_OPTIONS.get(entry.name, {})
+    for decay in EMA_VARIANTS.get(entry.name, (None,)):
       suffix = "" if decay is None else "_ema"
-      hyper = {"num_objectives": 3, "ema_decay": decay}
-      static = ("num_objectives",) + (("ema_decay",) if decay is None else ())
+      extra = {} if decay is None else {"ema_decay": decay}
+      hyper = {"num_objectives": 3, **entry.required, **options, **extra}
+      static = (
+        "num_objectives",
+        *(n for n, v in hyper.items() if isinstance(v, int) and n != "key"),
+      )
+      if entry.ema is True and decay is None:
+        hyper["ema_decay"] = None
+        static += ("ema_decay",)
       cases.append(
         Case(
-          f"aggregators.{name}{suffix}",
-          lambda f=factory, d=decay: f(3, ema_decay=d),
+          f"aggregators.{entry.name}{suffix}",
+          lambda e=entry, kw={**options, **extra}: e.make(3, **kw),
           3,
-          factory,
+          entry.factory,
           hyper,
-          static,
+          tuple(dict.fromkeys(static)),
         )
       )
   cases += [
     Case(
-      "aggregators.krum",
-      lambda: aggregators.krum(3, n_selected=2),
-      3,
-      aggregators.krum,
-      {"num_objectives": 3, "n_byzantine": 0, "n_selected": 2},
-      ("num_objectives", "n_byzantine", "n_selected"),
-    ),
-    Case(
-      "aggregators.random",
-      lambda: aggregators.random(3, key=2),
-      3,
-      aggregators.random,
-      {"num_objectives": 3, "key": 2},
-      ("num_objectives",),
-    ),
-    Case(
-      "aggregators.nash_mtl_ema",
-      lambda: aggregators.nash_mtl(3, ema_decay=0.9),
-      3,
-      aggregators.nash_mtl,
-      {"num_objectives": 3, "max_norm": 1.0, "ema_decay": 0.9},
-      ("num_objectives",),
-    ),
-    Case(
-      "aggregators.fairgrad",
-      lambda: aggregators.fairgrad(3, 2.0),
-      3,
-      aggregators.fairgrad,
-      {"num_objectives": 3, "alpha": 2.0},
-      ("num_objectives",),
-    ),
-    Case(
-      "aggregators.gradvac",
-      lambda: aggregators.gradvac(3, 0.5, key=1),
-      3,
-      aggregators.gradvac,
-      {"num_objectives": 3, "target_decay": 0.5, "key": 1},
-      ("num_objectives",),
-    ),
-    Case(
-      "aggregators.moco",
-      lambda: aggregators.moco(3, 0.9, 0.2),
-      3,
-      aggregators.moco,
-      {"num_objectives": 3, "ema_decay": 0.9, "step_size": 0.2, "rho": 0.0},
-      ("num_objectives",),
-    ),
-    Case(
       "aggregators.cr_mogm",
-      lambda: aggregators.cr_mogm(aggregators.upgrad(3, ema_decay=0.9), decay=0.8),
+      lambda: aggregators.cr_mogm(aggregators.upgrad(3, ema_decay=0.9), weights_decay=0.8),
       3,
-      lambda decay: aggregators.cr_mogm(aggregators.upgrad(3, ema_decay=0.9), decay),
-      {"decay": 0.8},
+      lambda weights_decay: aggregators.cr_mogm(
+        aggregators.upgrad(3, ema_decay=0.9), weights_decay=weights_decay
+      ),
+      {"weights_decay": 0.8},
       (),
     ),
     Case(
       "aggregators.constant",
-      lambda: aggregators.constant((1.0, 0.5, 2.0)),
+      lambda: aggregators.constant(3, (1.0, 0.5, 2.0)),
       3,
-      aggregators.constant,
+      lambda weights: aggregators.constant(3, weights),
       {"weights": (1.0, 0.5, 2.0)},
       ("weights",),
     ),

@@ -28,7 +28,7 @@ import optax  # noqa: E402
 import bloop_optax  # noqa: E402
 from bloop_optax import aggregators  # noqa: E402
 
-# jax.set_mesh is new; jax.sharding.use_mesh is its name in jax 0.6.
+# jax.set_mesh, or jax.sharding.use_mesh as jax 0.6 names it.
 SET_MESH = getattr(jax, "set_mesh", None) or jax.sharding.use_mesh
 SHAPES = {"w": (64, 6), "v": (8 * 5,), "b": (3,)}
 SPECS = {"w": P("data", None), "v": P("data"), "b": P()}
@@ -63,8 +63,8 @@ def main(process, checkpoints):
     "processes_of_devices": sorted({d.process_index for d in jax.devices()}),
   }
   cases = [
-    ("bloop", bloop_optax.bloop(0.7, 0.8), 2),
-    ("hierarchical_bloop", bloop_optax.hierarchical_bloop((0.5, 0.3), 0.8), 3),
+    ("bloop", bloop_optax.bloop(0.7, ema_decay=0.8), 2),
+    ("hierarchical_bloop", bloop_optax.hierarchical_bloop((0.5, 0.3), ema_decay=0.8), 3),
     ("aggregators.upgrad_ema", aggregators.upgrad(3, ema_decay=0.8), 3),
     ("aggregators.mgda", aggregators.mgda(3), 3),
   ]
@@ -113,7 +113,7 @@ def checkpoint_resumes(global_tree, params, checkpoints):
     import orbax.checkpoint as ocp
   except ImportError:
     return "orbax not installed"
-  tx = optax.chain(bloop_optax.bloop(0.7, 0.8), optax.adam(1e-2))
+  tx = optax.chain(bloop_optax.bloop(0.7, ema_decay=0.8), optax.adam(1e-2))
   update = jax.jit(tx.update)
   steps = [data(40 + s, 2) for s in range(4)]
   p = global_tree(params)

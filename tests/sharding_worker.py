@@ -49,7 +49,7 @@ def main(axis_type_name):
 
   params = tree(1.0)
   steps = [(tree(1.0), tree(1.0)) for _ in range(5)]
-  tx = optax.chain(bloop_optax.bloop(0.7, 0.8), optax.adam(1e-2))
+  tx = optax.chain(bloop_optax.bloop(0.7, ema_decay=0.8), optax.adam(1e-2))
 
   def run(params, steps, put):
     update = jax.jit(tx.update)
@@ -65,7 +65,7 @@ def main(axis_type_name):
 
   shard = {k: NamedSharding(mesh, s) for k, s in specs.items()}
   put = lambda t: {k: jax.device_put(v, shard[k]) for k, v in t.items()}
-  # jax.set_mesh is new; jax.sharding.use_mesh is its name in jax 0.6.
+  # jax.set_mesh, or jax.sharding.use_mesh as jax 0.6 names it.
   set_mesh = getattr(jax, "set_mesh", None) or jax.sharding.use_mesh
   with set_mesh(mesh):
     p8, s8, d8, update = run(params, steps, put)
@@ -82,9 +82,11 @@ def main(axis_type_name):
   from bloop_optax import aggregators
 
   triples = [(tree(1.0), tree(1.0), tree(1.0)) for _ in range(3)]
-  # Many objectives: from aggregators.DENSE_GRAM_FROM on, the Gram matrix's
-  # overflow branch is one stacked product per leaf; it all-reduces the K x K matrix.
+  # Many objectives, with the Gram matrix in its stacked form (one product of the
+  # stacked leaves per leaf, as past MAX_PAIRWISE_REDUCTIONS): it all-reduces the
+  # K x K matrix.
   many = [tuple(tree(1.0) for _ in range(12)) for _ in range(2)]
+  pairwise_limit = bloop_optax._tree_math.MAX_PAIRWISE_REDUCTIONS
   agg_report = {}
   for name, agg_tx, steps_of_grads in [
     ("mgda", aggregators.mgda(3), triples),
@@ -101,10 +103,12 @@ def main(axis_type_name):
     ("gradvac", aggregators.gradvac(3, key=1), triples),
     ("moco", aggregators.moco(3, ema_decay=0.8), triples),
     ("cr_mogm", aggregators.cr_mogm(aggregators.mgda(3)), triples),
-    ("hierarchical_bloop", bloop_optax.hierarchical_bloop((0.5, 0.5), 0.8), triples),
+    ("hierarchical_bloop", bloop_optax.hierarchical_bloop((0.5, 0.5), ema_decay=0.8), triples),
     ("upgrad_ema_k12", aggregators.upgrad(12, ema_decay=0.8), many),
   ]:
     chain = optax.chain(agg_tx, optax.sgd(0.1))
+    stacked = steps_of_grads is many
+    bloop_optax._tree_math.MAX_PAIRWISE_REDUCTIONS = 0 if stacked else pairwise_limit
 
     def run_agg(put, chain=chain, steps_of_grads=steps_of_grads):
       update = jax.jit(chain.update)
@@ -121,6 +125,7 @@ def main(axis_type_name):
       first = tuple(put(g) for g in steps_of_grads[0])
       lowered = update.lower(first, jax.jit(chain.init)(put(params)), put(params))
       agg_hlo = lowered.compile().as_text()
+    bloop_optax._tree_math.MAX_PAIRWISE_REDUCTIONS = pairwise_limit
     agg_report[name] = {
       "params_max_diff": diff(q8, q1),
       "direction_keeps_sharding": all(same_sharding(d8_agg).values()),

@@ -12,7 +12,7 @@ import scipy.optimize
 from tests import catalogue
 from tests.catalogue import CASES
 from tests.catalogue import IDS
-from tests.test_transforms import enable_x64
+from tests.helpers import enable_x64
 
 pytestmark = pytest.mark.optax_optimizer
 

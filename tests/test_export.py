@@ -16,7 +16,7 @@ PLATFORMS = ("cuda", "rocm", "tpu")
 @pytest.mark.parametrize("case", CASES, ids=IDS)
 def test_update_exports_for_gpu_and_tpu_without_host_callbacks(case):
   if not hasattr(jax, "export"):
-    pytest.skip("jax.export needs a newer jax")
+    pytest.skip(f"jax {jax.__version__} has no jax.export")
   tx = case.make()
   params = catalogue.params()
   state = tx.init(params)

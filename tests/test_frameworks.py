@@ -14,7 +14,9 @@ import optax
 import pytest
 
 import bloop_optax
-from tests.test_readme import blocks
+from tests.helpers import assert_trees_close
+from tests.helpers import blocks
+from tests.helpers import data
 
 pytestmark = pytest.mark.optax_optimizer
 ROOT = pathlib.Path(__file__).parent.parent
@@ -33,24 +35,11 @@ def load_page(name):
   return namespace
 
 
-def _numbers(x):
-  x = jnp.asarray(x)
-  return np.asarray(jax.random.key_data(x) if jnp.issubdtype(x.dtype, jax.dtypes.prng_key) else x)
-
-
 # The identity tests train with SGD: the two steps' gradients are computed by two
 # different XLA programs and agree to rounding, and Adam amplifies rounding in
 # entries whose true gradient is zero (a bias right before BatchNorm) to full
 # +-lr steps. The Adam step itself is the same function of the direction.
 SGD = optax.sgd(0.05, momentum=0.9)
-
-
-def assert_trees_close(a, b, rtol=1e-5, atol=1e-6):
-  a_leaves, b_leaves = jax.tree.leaves(a), jax.tree.leaves(b)
-  assert jax.tree.structure(a) == jax.tree.structure(b)
-  assert a_leaves
-  for x, y in zip(a_leaves, b_leaves, strict=True):
-    np.testing.assert_allclose(_numbers(x), _numbers(y), rtol=rtol, atol=atol)
 
 
 @pytest.mark.parametrize("name", ["flax_nnx", "flax_linen", "equinox"])
@@ -95,12 +84,6 @@ def nnx_losses(model, x, y, rngs=None):
   main = jnp.mean((pred - y) ** 2)
   aux = 0.5 * sum(jnp.sum(p**2) for p in jax.tree.leaves(nnx.state(model, nnx.Param)))
   return (main, aux), pred
-
-
-def data(n=32):
-  rng = np.random.default_rng(0)
-  x = jnp.asarray(rng.standard_normal((n, 5)), jnp.float32)
-  return x, x @ jnp.arange(1.0, 6.0)
 
 
 def count(rngs, stream="default"):

@@ -7,19 +7,15 @@ import pytest
 
 import bloop_optax
 from tests import reference
-from tests.test_transforms import assert_close
-from tests.test_transforms import gradient_sequence
-from tests.test_transforms import random_tree
-from tests.test_transforms import steps_of
-from tests.test_transforms import zeros_params
+from tests.helpers import assert_close
+from tests.helpers import gradient_sequence
+from tests.helpers import random_tree
+from tests.helpers import steps_of
+from tests.helpers import zeros_params
 
 STEPS = 40
 
-
-@pytest.fixture(autouse=True)
-def strict_dtype_promotion():
-  with jax.numpy_dtype_promotion("strict"):
-    yield
+pytestmark = pytest.mark.usefixtures("strict_dtype_promotion")
 
 
 def three_objectives(seed):
@@ -48,7 +44,7 @@ def run(tx, *stacked):
 def test_matches_numpy_reference(beta):
   mains, aux1, aux2 = three_objectives(1)
   lams = (0.7, 2.0)
-  directions, states = run(bloop_optax.hierarchical_bloop(lams, beta), mains, aux1, aux2)
+  directions, states = run(bloop_optax.hierarchical_bloop(lams, ema_decay=beta), mains, aux1, aux2)
   ref_d, _ = reference.hierarchical_bloop(
     steps_of(mains)[:STEPS], [steps_of(aux1)[:STEPS], steps_of(aux2)[:STEPS]], lams, beta
   )
@@ -60,9 +56,9 @@ def test_matches_numpy_reference(beta):
 def test_each_added_part_is_orthogonal_to_every_ema_above_it():
   mains, aux1, aux2 = three_objectives(2)
   lams = (1.0, 1.0)
-  tx2 = bloop_optax.hierarchical_bloop(lams, 0.9)
+  tx2 = bloop_optax.hierarchical_bloop(lams, ema_decay=0.9)
   d2, states = run(tx2, mains, aux1, aux2)
-  tx1 = bloop_optax.hierarchical_bloop(lams[:1], 0.9)
+  tx1 = bloop_optax.hierarchical_bloop(lams[:1], ema_decay=0.9)
   d1, _ = run(tx1, mains, aux1)
   e_main = steps_of(states.level_emas[0])
   e_aux1 = steps_of(states.level_emas[1])
@@ -79,8 +75,8 @@ def test_each_added_part_is_orthogonal_to_every_ema_above_it():
 @pytest.mark.parametrize("beta", [0.0, 0.9, 0.99])
 def test_one_aux_loss_equals_bloop(beta):
   mains, aux1 = gradient_sequence(3)
-  d_h, s_h = run(bloop_optax.hierarchical_bloop((0.8,), beta), mains, aux1)
-  d_b, s_b = run(bloop_optax.bloop(0.8, beta, track_cosine=True), mains, aux1)
+  d_h, s_h = run(bloop_optax.hierarchical_bloop((0.8,), ema_decay=beta), mains, aux1)
+  d_b, s_b = run(bloop_optax.bloop(0.8, ema_decay=beta, track_cosine=True), mains, aux1)
   for got, want in zip(steps_of(d_h), steps_of(d_b), strict=True):
     assert_close(got, want, rtol=1e-5, atol=1e-5)
   assert_close(steps_of(s_h.level_emas[0])[-1], steps_of(s_b.main_ema)[-1], 1e-6, 1e-6)
@@ -92,7 +88,7 @@ def test_an_ema_in_the_span_above_contributes_nothing():
   m = {"w": jnp.array([1.0, 0.0, 0.0])}
   a1 = {"w": jnp.array([2.0, 0.0, 0.0])}
   a2 = {"w": jnp.array([1.0, 1.0, 1.0])}
-  tx = bloop_optax.hierarchical_bloop((1.0, 1.0), 0.0)
+  tx = bloop_optax.hierarchical_bloop((1.0, 1.0), ema_decay=0.0)
   d, _ = jax.jit(tx.update)((m, a1, a2), tx.init(m))
   np.testing.assert_allclose(d["w"], [1.0, 1.0, 1.0], atol=1e-6)
 
@@ -100,7 +96,7 @@ def test_an_ema_in_the_span_above_contributes_nothing():
 def test_nonfinite_step_leaves_every_ema_untouched():
   mains, aux1, aux2 = three_objectives(4)
   aux2 = jax.tree.map(lambda x: x.at[5].set(jnp.nan), aux2)
-  _, states = run(bloop_optax.hierarchical_bloop((0.5, 0.5), 0.9), mains, aux1, aux2)
+  _, states = run(bloop_optax.hierarchical_bloop((0.5, 0.5), ema_decay=0.9), mains, aux1, aux2)
   for ema in states.level_emas:
     np.testing.assert_array_equal(steps_of(ema)[5], steps_of(ema)[4])
     assert np.isfinite(np.stack(steps_of(ema))).all()

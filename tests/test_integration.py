@@ -100,7 +100,7 @@ def test_weight_sweep_in_one_compiled_program():
     params = jax.tree.map(
       lambda p: p + 0.1 * jax.random.normal(jax.random.key(seed), p.shape), init_params()
     )
-    tx = optax.chain(bloop_optax.bloop(aux_weight, 0.9), optax.adam(1e-2))
+    tx = optax.chain(bloop_optax.bloop(aux_weight, ema_decay=0.9), optax.adam(1e-2))
 
     def step(carry, _):
       p, s = carry
@@ -203,7 +203,7 @@ def test_nnx_step_runs_batchnorm_and_dropout_once():
 
   x, y = regression_data()
   model = Net(nnx.Rngs(params=0, dropout=1))
-  tx = optax.chain(bloop_optax.bloop(0.1, 0.9), optax.adam(1e-2))
+  tx = optax.chain(bloop_optax.bloop(0.1, ema_decay=0.9), optax.adam(1e-2))
   optimizer = nnx.Optimizer(model, tx, wrt=nnx.Param)
 
   @nnx.jit
@@ -243,7 +243,7 @@ def test_nnx_state_pair_is_accepted():
 
   m = {"w": jnp.array([1.0, 0.0])}
   a = {"w": jnp.array([3.0, 4.0])}
-  tx = bloop_optax.bloop(1.0, 0.0)
+  tx = bloop_optax.bloop(1.0, ema_decay=0.0)
   for pair in (nnx.State({0: m, 1: a}), nnx.State({"main": m, "aux": a})):
     main = pair[0] if 0 in pair.keys() else pair["main"]  # as NNX holds it (a State or a dict)
     d, _ = tx.update(pair, tx.init(main))
@@ -265,7 +265,7 @@ def test_linen_train_state_apply_gradients_with_the_pair():
   x, y = regression_data()
   net = Net()
   params = net.init(jax.random.key(0), x)["params"]
-  tx = optax.chain(bloop_optax.bloop(0.5, 0.9), optax.adam(1e-2))
+  tx = optax.chain(bloop_optax.bloop(0.5, ema_decay=0.9), optax.adam(1e-2))
   state = train_state.TrainState.create(apply_fn=net.apply, params=params, tx=tx)
 
   def fun(params):
@@ -294,7 +294,7 @@ def test_linen_train_state_apply_gradients_with_the_pair():
 def test_multi_steps_equals_the_full_batch_step():
   x, y = regression_data(n=64)
   params0 = init_params()
-  inner = lambda: optax.chain(bloop_optax.bloop(0.5, 0.9), optax.adam(3e-2))
+  inner = lambda: optax.chain(bloop_optax.bloop(0.5, ema_decay=0.9), optax.adam(3e-2))
   grad_fn = jax.jit(bloop_optax.value_and_grads(losses))
 
   full_tx, params_full = inner(), params0
@@ -361,7 +361,7 @@ def _train(tx, params, state, steps, start=0):
 def test_checkpoint_resume_continues_exactly(tmp_path):
   import orbax.checkpoint as ocp
 
-  tx = optax.chain(bloop_optax.bloop(0.5, 0.9), optax.adam(1e-2))
+  tx = optax.chain(bloop_optax.bloop(0.5, ema_decay=0.9), optax.adam(1e-2))
   params0 = init_params()
   straight = _train(tx, params0, tx.init(params0), steps=20)
 
@@ -383,7 +383,7 @@ def test_checkpoint_resume_continues_exactly(tmp_path):
 def test_flax_serialization_roundtrip():
   from flax import serialization
 
-  tx = optax.chain(bloop_optax.bloop(0.5, 0.9), optax.adam(1e-2))
+  tx = optax.chain(bloop_optax.bloop(0.5, ema_decay=0.9), optax.adam(1e-2))
   params, state = _train(tx, init_params(), tx.init(init_params()), steps=5)
   data = serialization.to_bytes(state)
   restored = serialization.from_bytes(tx.init(init_params()), data)
@@ -398,7 +398,7 @@ def test_nan_batch_mid_training_with_apply_if_finite():
   x, y = regression_data(n=64)
   bad_x = x.at[3, 2].set(jnp.nan)
   tx = optax.chain(
-    bloop_optax.bloop(0.5, 0.9),
+    bloop_optax.bloop(0.5, ema_decay=0.9),
     optax.apply_if_finite(optax.adam(1e-2), max_consecutive_errors=5),
   )
   params = init_params()
@@ -433,7 +433,7 @@ def test_zero_gradients_in_a_loop():
   for tx in (
     bloop_optax.bloop(0.5),
     bloop_optax.dynamic_barrier(0.5),
-    bloop_optax.pcgrad(0.5),
+    bloop_optax.pcgrad_pair(0.5),
   ):
     chain = optax.chain(tx, optax.adam(1e-2))
     state = chain.init(params)

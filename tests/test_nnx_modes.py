@@ -12,8 +12,8 @@ import optax
 import pytest
 
 import bloop_optax
-from tests.test_frameworks import assert_trees_close
-from tests.test_frameworks import data
+from tests.helpers import assert_trees_close
+from tests.helpers import data
 
 nnx = pytest.importorskip("flax.nnx")
 pytestmark = pytest.mark.optax_optimizer

@@ -15,11 +15,11 @@ import pytest
 import bloop_optax
 from bloop_optax import MainAux
 from tests import reference
-from tests.test_transforms import flat
-from tests.test_transforms import gradient_sequence
-from tests.test_transforms import run
-from tests.test_transforms import steps_of
-from tests.test_transforms import zeros_params
+from tests.helpers import flat
+from tests.helpers import gradient_sequence
+from tests.helpers import run
+from tests.helpers import steps_of
+from tests.helpers import zeros_params
 
 NORMS = [1e20, 1e30]
 DTYPES = [jnp.float32, jnp.bfloat16]
@@ -51,7 +51,7 @@ def expected(want, dtype):
 def test_bloop_is_exact_at_huge_norms(order, norm, dtype):
   mains, auxs = huge_sequence(norm, dtype)
   directions, states = run(
-    bloop_optax.bloop(0.7, 0.9, ema_order=order, track_cosine=True),
+    bloop_optax.bloop(0.7, ema_decay=0.9, ema_order=order, track_cosine=True),
     mains,
     auxs,
     zeros_params(dtype),
@@ -74,7 +74,7 @@ def test_bloop_is_exact_at_huge_norms(order, norm, dtype):
   "factory, formula",
   [
     (bloop_optax.dynamic_barrier, reference.dynamic_barrier),
-    (bloop_optax.pcgrad, reference.pcgrad),
+    (bloop_optax.pcgrad_pair, reference.pcgrad),
   ],
 )
 def test_baselines_are_exact_at_huge_norms(factory, formula, norm, dtype):
@@ -92,7 +92,7 @@ def test_baselines_are_exact_at_huge_norms(factory, formula, norm, dtype):
 def test_hierarchical_bloop_is_exact_at_huge_norms(norm, dtype):
   mains, aux1 = huge_sequence(norm, dtype)
   _, aux2 = huge_sequence(norm / 1e5, dtype, seed=22)  # levels of very different scales
-  tx = bloop_optax.hierarchical_bloop((0.5, 0.3), 0.9)
+  tx = bloop_optax.hierarchical_bloop((0.5, 0.3), ema_decay=0.9)
   params = zeros_params(dtype)
 
   @jax.jit

@@ -9,7 +9,7 @@ import pytest
 import bloop_optax
 from bloop_optax import MainAux
 from tests import reference
-from tests.test_transforms import flat
+from tests.helpers import flat
 
 
 def multitask_tree(rng):
@@ -30,7 +30,7 @@ def test_projection_runs_over_each_group_alone():
   m, a = multitask_tree(rng), multitask_tree(rng)
   lam = 0.7
   tx = bloop_optax.partition(
-    {"trunk": bloop_optax.bloop(lam, 0.0), "head": bloop_optax.mixed(lam)}, labels
+    {"trunk": bloop_optax.bloop(lam, ema_decay=0.0), "head": bloop_optax.mixed(lam)}, labels
   )
   d, state = jax.jit(tx.update)(MainAux(m, a), tx.init(m), m)
   trunk = flat(m["trunk"]) + lam * reference.project_out(flat(a["trunk"]), flat(m["trunk"]))
@@ -38,7 +38,9 @@ def test_projection_runs_over_each_group_alone():
   for head in ("main_head", "aux_head"):
     np.testing.assert_allclose(d[head], m[head] + lam * a[head], rtol=1e-6)
   # Differs from the global projection: the grouping matters here.
-  glob, _ = bloop_optax.bloop(lam, 0.0).update(MainAux(m, a), bloop_optax.bloop(lam, 0.0).init(m))
+  glob, _ = bloop_optax.bloop(lam, ema_decay=0.0).update(
+    MainAux(m, a), bloop_optax.bloop(lam, ema_decay=0.0).init(m)
+  )
   assert np.abs(flat(glob) - flat(d)).max() > 1e-2
   ema = state.inner_states["trunk"].main_ema  # only the trunk's leaves are averaged
   assert isinstance(ema["main_head"], optax.MaskedNode)
@@ -52,7 +54,7 @@ def test_partition_in_a_chain_under_scan():
   params = multitask_tree(rng)
   tx = optax.chain(
     bloop_optax.partition(
-      {"trunk": bloop_optax.bloop(0.5, 0.9), "head": bloop_optax.mixed(0.5)}, labels
+      {"trunk": bloop_optax.bloop(0.5, ema_decay=0.9), "head": bloop_optax.mixed(0.5)}, labels
     ),
     optax.adam(1e-2),
   )

@@ -12,9 +12,9 @@ import pytest
 import bloop_optax
 from bloop_optax import aggregators as agg
 from tests import reference_pcd as ref
-from tests.test_transforms import enable_x64
-from tests.test_transforms import flat
-from tests.test_transforms import random_tree
+from tests.helpers import enable_x64
+from tests.helpers import flat
+from tests.helpers import random_tree
 
 pytestmark = pytest.mark.optax_optimizer
 
@@ -230,7 +230,7 @@ def test_pcd_weights_is_the_rule_on_a_gram_matrix():
     rng = np.random.default_rng(9)
     jac = rng.standard_normal((3, 5))
     scales = 1 / np.linalg.norm(jac, axis=1)
-    w = agg.pcd_weights(jnp.asarray(jac @ jac.T), jnp.asarray(scales), 0.5)
+    w = agg.pcd_weights(jnp.asarray(jac @ jac.T), jnp.asarray(scales), tau=0.5)
     d_tilde = ref.solve(jac * scales[:, None], (0.5, 0.5))
     want = d_tilde * np.linalg.norm(jac[0]) / np.linalg.norm(d_tilde)
     np.testing.assert_allclose(np.asarray(w) @ jac, want, rtol=1e-10)

@@ -2,18 +2,15 @@
 Python block of the README and of the documentation runs on its own."""
 
 import pathlib
-import re
 import subprocess
 import sys
 
 import pytest
 
+from tests.helpers import blocks
+
 ROOT = pathlib.Path(__file__).parent.parent
 README = (ROOT / "README.md").read_text()
-
-
-def blocks(text, language):
-  return re.findall(rf"```{language}\n(.*?)```", text, flags=re.S)
 
 
 def test_exactly_two_setup_commands_and_ci_runs_the_test_one():

@@ -86,7 +86,7 @@ def test_wheel_installs_into_a_fresh_environment_and_holds_only_the_package(tmp_
     "import bloop_optax, jax.numpy as jnp, optax\n"
     "print(bloop_optax.__version__)\n"
     "print(bloop_optax.__file__)\n"
-    "tx = optax.chain(bloop_optax.bloop(1.0, 0.0), optax.sgd(1.0))\n"
+    "tx = optax.chain(bloop_optax.bloop(1.0, ema_decay=0.0), optax.sgd(1.0))\n"
     "p = {'w': jnp.zeros(2)}\n"
     "g = bloop_optax.MainAux({'w': jnp.array([1.0, 0.0])}, {'w': jnp.array([3.0, 4.0])})\n"
     "u, _ = tx.update(g, tx.init(p), p)\n"

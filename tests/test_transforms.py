@@ -11,105 +11,24 @@ import pytest
 import bloop_optax
 from bloop_optax import MainAux
 from tests import reference
+from tests.helpers import STEPS
+from tests.helpers import assert_close
+from tests.helpers import enable_x64
+from tests.helpers import flat
+from tests.helpers import gradient_sequence
+from tests.helpers import random_tree
+from tests.helpers import run
+from tests.helpers import steps_of
+from tests.helpers import unflat
+from tests.helpers import zeros_params
 
-STEPS = 60
-
-
-def enable_x64():
-  """float64 within a block: ``jax.enable_x64`` (new) or its experimental form (jax < 0.6)."""
-  if hasattr(jax, "enable_x64"):
-    return jax.enable_x64(True)
-  from jax.experimental import enable_x64 as experimental
-
-  return experimental(True)
+pytestmark = pytest.mark.usefixtures("strict_dtype_promotion")
 
 
 ORDERS = ("update_first", "project_first")
 
 
-@pytest.fixture(autouse=True)
-def strict_dtype_promotion(request):
-  """Our code must not rely on implicit promotion; optax's adam does, though."""
-  mode = "standard" if request.node.get_closest_marker("optax_optimizer") else "strict"
-  with jax.numpy_dtype_promotion(mode):
-    yield
-
-
 # ---------------------------------------------------------------- helpers
-
-SHAPES = {"scalar": (), "vec": (7,), "cube": (2, 3, 4), "nested": [(5, 1), (3,)]}
-
-
-def random_tree(rng, dtype=jnp.float32, scale=1.0):
-  return jax.tree.map(
-    lambda shape: jnp.asarray(scale * rng.standard_normal(shape), dtype),
-    SHAPES,
-    is_leaf=lambda x: isinstance(x, tuple),
-  )
-
-
-def flat(tree):
-  return np.concatenate([np.ravel(np.asarray(x, np.float64)) for x in jax.tree.leaves(tree)])
-
-
-def unflat(vector, like):
-  leaves, treedef = jax.tree.flatten(like)
-  out, start = [], 0
-  for leaf in leaves:
-    size = int(np.prod(leaf.shape))
-    out.append(np.reshape(vector[start : start + size], leaf.shape))
-    start += size
-  return jax.tree.unflatten(treedef, out)
-
-
-def gradient_sequence(seed, steps=STEPS, dtype=jnp.float32):
-  """Main gradients around a drifting mean; aux gradients that often conflict.
-
-  Odd steps draw ``A = -2 M + noise`` (strong conflict), even steps draw an
-  independent A, so both signs of <M, A> and both DB branches occur.
-  """
-  rng = np.random.default_rng(seed)
-  mean = random_tree(rng)
-  mains, auxs = [], []
-  for t in range(steps):
-    m = jax.tree.map(lambda mu, n: mu + 0.5 * n, mean, random_tree(rng))
-    if t % 2:
-      a = jax.tree.map(lambda x, n: -2.0 * x + 0.3 * n, m, random_tree(rng))
-    else:
-      a = random_tree(rng)
-    mains.append(jax.tree.map(lambda x: x.astype(dtype), m))
-    auxs.append(jax.tree.map(lambda x: x.astype(dtype), a))
-  stack = lambda trees: jax.tree.map(lambda *xs: jnp.stack(xs), *trees)
-  return stack(mains), stack(auxs)
-
-
-def run(tx, mains, auxs, params):
-  """Runs ``tx.update`` over stacked (main, aux) steps under jit + lax.scan."""
-
-  @jax.jit
-  def scan(state, xs):
-    def step(state, pair):
-      direction, state = tx.update(MainAux(*pair), state, params)
-      return state, (direction, state)
-
-    return jax.lax.scan(step, state, xs)
-
-  _, (directions, states) = scan(tx.init(params), (mains, auxs))
-  return directions, states
-
-
-def steps_of(stacked):
-  """Flat float64 vectors, one per step, from a stacked pytree."""
-  n = jax.tree.leaves(stacked)[0].shape[0]
-  return [flat(jax.tree.map(lambda x, i=i: x[i], stacked)) for i in range(n)]
-
-
-def zeros_params(dtype=jnp.float32):
-  return jax.tree.map(lambda x: jnp.zeros_like(x, dtype), random_tree(np.random.default_rng(0)))
-
-
-def assert_close(actual, desired, rtol=2e-5, atol=2e-5):
-  np.testing.assert_allclose(np.asarray(actual, np.float64), desired, rtol=rtol, atol=atol)
 
 
 # ---------------------------------------------------------------- differential
@@ -121,7 +40,10 @@ def assert_close(actual, desired, rtol=2e-5, atol=2e-5):
 def test_bloop_matches_numpy_reference(order, beta, lam):
   mains, auxs = gradient_sequence(seed=1)
   directions, states = run(
-    bloop_optax.bloop(lam, beta, ema_order=order, track_cosine=True), mains, auxs, zeros_params()
+    bloop_optax.bloop(lam, ema_decay=beta, ema_order=order, track_cosine=True),
+    mains,
+    auxs,
+    zeros_params(),
   )
   ms, as_ = steps_of(mains), steps_of(auxs)
   ref_d, ref_e, ref_r = reference.bloop(ms, as_, lam, beta, order)
@@ -139,7 +61,7 @@ def test_bloop_matches_numpy_reference(order, beta, lam):
   [
     (bloop_optax.mixed, reference.mixed),
     (bloop_optax.dynamic_barrier, reference.dynamic_barrier),
-    (bloop_optax.pcgrad, reference.pcgrad),
+    (bloop_optax.pcgrad_pair, reference.pcgrad),
   ],
 )
 @pytest.mark.parametrize("lam", [0.0, 0.3, 2.0])
@@ -167,7 +89,7 @@ def test_zero_aux_weight_gives_main(order):
   """lambda = 0 gives D = M (PCGrad excepted: it still projects M off A)."""
   mains, auxs = gradient_sequence(seed=3, steps=10)
   for tx in [
-    bloop_optax.bloop(0.0, 0.9, ema_order=order),
+    bloop_optax.bloop(0.0, ema_decay=0.9, ema_order=order),
     bloop_optax.mixed(0.0),
     bloop_optax.dynamic_barrier(0.0),
   ]:
@@ -180,7 +102,7 @@ def test_zero_aux_weight_gives_main(order):
 def test_added_part_is_orthogonal_to_projection_vector(order):
   mains, auxs = gradient_sequence(seed=4)
   directions, states = run(
-    bloop_optax.bloop(1.5, 0.9, ema_order=order), mains, auxs, zeros_params()
+    bloop_optax.bloop(1.5, ema_decay=0.9, ema_order=order), mains, auxs, zeros_params()
   )
   ds, ms = steps_of(directions), steps_of(mains)
   emas = steps_of(states.main_ema)
@@ -197,7 +119,7 @@ def test_added_part_is_orthogonal_to_projection_vector(order):
 def test_zero_decay_is_projection_on_the_batch_gradient():
   mains, auxs = gradient_sequence(seed=5)
   lam = 0.7
-  directions, _ = run(bloop_optax.bloop(lam, 0.0), mains, auxs, zeros_params())
+  directions, _ = run(bloop_optax.bloop(lam, ema_decay=0.0), mains, auxs, zeros_params())
   for d, m, a in zip(steps_of(directions), steps_of(mains), steps_of(auxs), strict=True):
     assert_close(d, m + lam * reference.project_out(a, m), rtol=1e-4, atol=1e-4)
 
@@ -208,7 +130,7 @@ def test_zero_decay_bloop_equals_dynamic_barrier_when_unclipped():
   params = zeros_params()
   checked = 0
   lam = 0.5
-  db_tx, bl_tx = bloop_optax.dynamic_barrier(lam), bloop_optax.bloop(lam, 0.0)
+  db_tx, bl_tx = bloop_optax.dynamic_barrier(lam), bloop_optax.bloop(lam, ema_decay=0.0)
   db_update, bl_update = jax.jit(db_tx.update), jax.jit(bl_tx.update)  # one compilation each
   for _ in range(20):
     m, a = random_tree(rng), random_tree(rng)
@@ -238,7 +160,7 @@ def test_dynamic_barrier_is_the_clipped_projection():
 
 def test_pcgrad_branches():
   m = {"w": jnp.array([1.0, 0.0])}
-  tx = bloop_optax.pcgrad(0.5)
+  tx = bloop_optax.pcgrad_pair(0.5)
   agree = {"w": jnp.array([1.0, 2.0])}
   d, _ = tx.update(MainAux(m, agree), tx.init(m))
   assert_close(flat(d), [1.5, 1.0])  # M + lambda A
@@ -253,7 +175,7 @@ def test_projection_is_global_not_per_leaf():
   """A case where per-leaf projections differ from the global one."""
   m = {"a": jnp.array([1.0, 0.0]), "b": jnp.array([0.0, 1.0])}
   aux = {"a": jnp.array([1.0, 1.0]), "b": jnp.array([-3.0, -1.0])}
-  tx = bloop_optax.bloop(1.0, 0.0)
+  tx = bloop_optax.bloop(1.0, ema_decay=0.0)
   d, state = jax.jit(tx.update)(MainAux(m, aux), tx.init(m))
   fm, fa = flat(m), flat(aux)
   global_d = fm + reference.project_out(fa, fm)
@@ -271,7 +193,7 @@ def test_zero_gradients_give_zero_coefficients():
   for tx in [
     bloop_optax.bloop(0.5, track_cosine=True),
     bloop_optax.dynamic_barrier(0.5),
-    bloop_optax.pcgrad(0.5),
+    bloop_optax.pcgrad_pair(0.5),
   ]:
     d, state = jax.jit(tx.update)(MainAux(zero, a), tx.init(zero), zero)
     assert_close(flat(d), 0.5 * flat(a), rtol=1e-6, atol=1e-6)
@@ -286,7 +208,9 @@ def test_chain_with_adam_equals_adam_on_reference_direction():
   mains, auxs = gradient_sequence(seed=8)
   params = zeros_params()
   lam, beta = 0.8, 0.9
-  updates, _ = run(optax.chain(bloop_optax.bloop(lam, beta), optax.adam(1e-2)), mains, auxs, params)
+  updates, _ = run(
+    optax.chain(bloop_optax.bloop(lam, ema_decay=beta), optax.adam(1e-2)), mains, auxs, params
+  )
   ref_d, _, _ = reference.bloop(steps_of(mains), steps_of(auxs), lam, beta)
   ref_tree = jax.tree.map(
     lambda *xs: jnp.stack(xs), *[unflat(np.float32(d), params) for d in ref_d]
@@ -309,7 +233,7 @@ def test_aux_weight_schedules():
   lams = [float(schedule(t)) for t in range(20)]
   ref_d, _, _ = reference.bloop(steps_of(mains), steps_of(auxs), None, 0.9, lams=lams)
   params = zeros_params()
-  via_factory, _ = run(bloop_optax.bloop(schedule, 0.9), mains, auxs, params)
+  via_factory, _ = run(bloop_optax.bloop(schedule, ema_decay=0.9), mains, auxs, params)
   injected = optax.inject_hyperparams(bloop_optax.bloop)(aux_weight=schedule, ema_decay=0.9)
   via_inject, states = run(injected, mains, auxs, params)
   for a, b, want in zip(steps_of(via_factory), steps_of(via_inject), ref_d, strict=True):
@@ -319,7 +243,7 @@ def test_aux_weight_schedules():
 
 
 @pytest.mark.parametrize(
-  "factory", [bloop_optax.mixed, bloop_optax.dynamic_barrier, bloop_optax.pcgrad]
+  "factory", [bloop_optax.mixed, bloop_optax.dynamic_barrier, bloop_optax.pcgrad_pair]
 )
 def test_baselines_accept_schedules_and_inject_hyperparams(factory):
   mains, auxs = gradient_sequence(seed=10, steps=5)
@@ -330,7 +254,7 @@ def test_baselines_accept_schedules_and_inject_hyperparams(factory):
   formula = {
     bloop_optax.mixed: reference.mixed,
     bloop_optax.dynamic_barrier: reference.dynamic_barrier,
-    bloop_optax.pcgrad: reference.pcgrad,
+    bloop_optax.pcgrad_pair: reference.pcgrad,
   }[factory]
   for t, (a, b) in enumerate(zip(steps_of(d1), steps_of(d2), strict=True)):
     want = formula(ms[t], as_[t], 0.5 * t)
@@ -349,7 +273,7 @@ def test_accepted_pair_forms(form):
     "mapping": {0: m, 1: a},
     "named mapping": {"main": m, "aux": a},
   }[form]
-  tx = bloop_optax.bloop(0.5, 0.0)
+  tx = bloop_optax.bloop(0.5, ema_decay=0.0)
   d, _ = jax.jit(tx.update)(pair, tx.init(m))
   assert jax.tree.structure(d) == jax.tree.structure(m)
   assert_close(flat(d), flat(m) + 0.5 * reference.project_out(flat(a), flat(m)), 1e-5, 1e-5)
@@ -361,7 +285,7 @@ def test_accepted_pair_forms(form):
 def test_bfloat16_gradients_keep_their_dtype_and_a_float32_ema():
   mains, auxs = gradient_sequence(seed=12, steps=30, dtype=jnp.bfloat16)
   params = zeros_params(jnp.bfloat16)
-  tx = bloop_optax.bloop(0.5, 0.9)
+  tx = bloop_optax.bloop(0.5, ema_decay=0.9)
   state0 = tx.init(params)
   directions, states = run(tx, mains, auxs, params)
   assert all(x.dtype == jnp.bfloat16 for x in jax.tree.leaves(directions))
@@ -376,7 +300,7 @@ def test_bfloat16_gradients_keep_their_dtype_and_a_float32_ema():
 
 
 @pytest.mark.parametrize(
-  "factory", [bloop_optax.mixed, bloop_optax.dynamic_barrier, bloop_optax.pcgrad]
+  "factory", [bloop_optax.mixed, bloop_optax.dynamic_barrier, bloop_optax.pcgrad_pair]
 )
 def test_baselines_keep_bfloat16(factory):
   mains, auxs = gradient_sequence(seed=13, steps=3, dtype=jnp.bfloat16)
@@ -413,7 +337,7 @@ def test_float64_params_keep_a_float64_ema():
     state = bloop_optax.bloop().init(params)
     assert state.main_ema["w"].dtype == jnp.float64
     m, a = {"w": jnp.array([1.0, 2.0, 3.0])}, {"w": jnp.array([0.0, 1.0, -1.0])}
-    d, state = jax.jit(bloop_optax.bloop(1.0, 0.0).update)(MainAux(m, a), state)
+    d, state = jax.jit(bloop_optax.bloop(1.0, ema_decay=0.0).update)(MainAux(m, a), state)
     assert d["w"].dtype == jnp.float64 and state.main_ema["w"].dtype == jnp.float64
 
 
@@ -428,7 +352,7 @@ def test_nonfinite_step_never_enters_the_ema(order, bad):
   mains = jax.tree.map(lambda x: x.at[0].set(bad), mains)
   auxs = jax.tree.map(lambda x: x.at[6].set(bad), auxs)
   directions, states = run(
-    bloop_optax.bloop(0.5, 0.9, ema_order=order), mains, auxs, zeros_params()
+    bloop_optax.bloop(0.5, ema_decay=0.9, ema_order=order), mains, auxs, zeros_params()
   )
   ms, as_ = steps_of(mains), steps_of(auxs)
   ref_d, ref_e, _ = reference.bloop(ms, as_, 0.5, 0.9, order)
@@ -456,10 +380,12 @@ def test_non_pair_updates_raise():
   with pytest.raises(TypeError, match=r"got a tuple of length 3"):
     tx.update((m, m, m), tx.init(m))
   with pytest.raises(TypeError, match=r"mapping with keys 0 and 1, or 'main' and 'aux'"):
-    bloop_optax.pcgrad(1.0).update({"main": m, "extra": m}, bloop_optax.pcgrad(1.0).init(m))
+    bloop_optax.pcgrad_pair(1.0).update(
+      {"main": m, "extra": m}, bloop_optax.pcgrad_pair(1.0).init(m)
+    )
 
 
-@pytest.mark.parametrize("factory", [bloop_optax.bloop, bloop_optax.mixed, bloop_optax.pcgrad])
+@pytest.mark.parametrize("factory", [bloop_optax.bloop, bloop_optax.mixed, bloop_optax.pcgrad_pair])
 def test_mismatched_halves_raise_with_key_path(factory):
   m = {"a": jnp.ones(3), "b": jnp.ones((2, 2))}
   tx = factory(0.1)
@@ -489,7 +415,7 @@ def test_halves_not_matching_init_params_raise():
     bloop_optax.bloop,
     bloop_optax.mixed,
     bloop_optax.dynamic_barrier,
-    bloop_optax.pcgrad,
+    bloop_optax.pcgrad_pair,
   ],
 )
 def test_bad_aux_weight_raises(factory, bad):

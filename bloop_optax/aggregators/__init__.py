@@ -30,42 +30,42 @@ References:
   Improving Gradient Surgery with an EMA". ICML 2024. arXiv:2402.02998.
 """
 
-from bloop_optax._aggregators import AggregatorState
-from bloop_optax._aggregators import SmoothedWeightsState
-from bloop_optax._aggregators import aligned_mtl
-from bloop_optax._aggregators import aligned_mtl_weights
-from bloop_optax._aggregators import cagrad
-from bloop_optax._aggregators import cagrad_weights
-from bloop_optax._aggregators import config
-from bloop_optax._aggregators import config_weights
-from bloop_optax._aggregators import constant
-from bloop_optax._aggregators import constant_weights
-from bloop_optax._aggregators import cr_mogm
-from bloop_optax._aggregators import dualproj
-from bloop_optax._aggregators import dualproj_weights
-from bloop_optax._aggregators import fairgrad
-from bloop_optax._aggregators import fairgrad_weights
-from bloop_optax._aggregators import gradvac
-from bloop_optax._aggregators import gradvac_weights
-from bloop_optax._aggregators import imtl_g
-from bloop_optax._aggregators import imtl_g_weights
-from bloop_optax._aggregators import krum
-from bloop_optax._aggregators import krum_weights
-from bloop_optax._aggregators import mean
-from bloop_optax._aggregators import mean_weights
-from bloop_optax._aggregators import mgda
-from bloop_optax._aggregators import mgda_weights
-from bloop_optax._aggregators import moco
-from bloop_optax._aggregators import moco_weights
-from bloop_optax._aggregators import nash_mtl
-from bloop_optax._aggregators import nash_mtl_weights
-from bloop_optax._aggregators import pcgrad
-from bloop_optax._aggregators import pcgrad_weights
-from bloop_optax._aggregators import random
-from bloop_optax._aggregators import random_weights
-from bloop_optax._aggregators import upgrad
-from bloop_optax._aggregators import upgrad_weights
 from bloop_optax._pcd import pcd_weights
+from bloop_optax.aggregators._base import AggregatorState
+from bloop_optax.aggregators._dual_cone import dualproj
+from bloop_optax.aggregators._dual_cone import dualproj_weights
+from bloop_optax.aggregators._dual_cone import upgrad
+from bloop_optax.aggregators._dual_cone import upgrad_weights
+from bloop_optax.aggregators._equalizing import aligned_mtl
+from bloop_optax.aggregators._equalizing import aligned_mtl_weights
+from bloop_optax.aggregators._equalizing import config
+from bloop_optax.aggregators._equalizing import config_weights
+from bloop_optax.aggregators._equalizing import imtl_g
+from bloop_optax.aggregators._equalizing import imtl_g_weights
+from bloop_optax.aggregators._fairness import fairgrad
+from bloop_optax.aggregators._fairness import fairgrad_weights
+from bloop_optax.aggregators._fairness import nash_mtl
+from bloop_optax.aggregators._fairness import nash_mtl_weights
+from bloop_optax.aggregators._min_norm import cagrad
+from bloop_optax.aggregators._min_norm import cagrad_weights
+from bloop_optax.aggregators._min_norm import mgda
+from bloop_optax.aggregators._min_norm import mgda_weights
+from bloop_optax.aggregators._robust import krum
+from bloop_optax.aggregators._robust import krum_weights
+from bloop_optax.aggregators._sequential import gradvac
+from bloop_optax.aggregators._sequential import gradvac_weights
+from bloop_optax.aggregators._sequential import pcgrad
+from bloop_optax.aggregators._sequential import pcgrad_weights
+from bloop_optax.aggregators._simple import constant
+from bloop_optax.aggregators._simple import constant_weights
+from bloop_optax.aggregators._simple import mean
+from bloop_optax.aggregators._simple import mean_weights
+from bloop_optax.aggregators._simple import random
+from bloop_optax.aggregators._simple import random_weights
+from bloop_optax.aggregators._smoothing import SmoothedWeightsState
+from bloop_optax.aggregators._smoothing import cr_mogm
+from bloop_optax.aggregators._smoothing import moco
+from bloop_optax.aggregators._smoothing import moco_weights
 
 __all__ = (
   "AggregatorState",

@@ -1,0 +1,180 @@
+"""Min-norm rules: MGDA (the min-norm point of the convex hull) and CAGrad (the
+best worst-case improvement near the mean)."""
+
+import math
+from typing import Any
+
+import jax
+from jax import lax
+import jax.numpy as jnp
+import optax
+
+from bloop_optax import _checks
+from bloop_optax import _qp
+from bloop_optax.aggregators._base import _aggregator
+from bloop_optax.aggregators._base import _no_key
+from bloop_optax.aggregators._linalg import _normalized
+
+PyTree = Any
+
+
+def mgda_weights(gram: jax.Array) -> jax.Array:
+  r"""MGDA: the weights of the min-norm point of the gradients' convex hull.
+
+  .. math:: w = \arg\min_{w \ge 0,\ \sum_i w_i = 1} w^\top G w
+
+  Solved exactly (an active-set method, see :mod:`bloop_optax.aggregators`);
+  where the minimiser is not unique (collinear gradients) the direction
+  :math:`\sum_i w_i g_i` still is. Scale: invariant.
+  """
+  return _qp.min_norm_simplex(_normalized(gram))
+
+
+def cagrad_weights(gram: jax.Array, *, c: jax.typing.ArrayLike = 0.5) -> jax.Array:
+  r"""CAGrad: the mean gradient, corrected toward the worst-off objective.
+
+  With :math:`g_0 = \sum_i g_i / K` and :math:`g_w = \sum_i w_i g_i`,
+
+  .. math::
+
+    w^\star = \arg\min_{w \ge 0,\ \sum_i w_i = 1} \langle g_w, g_0\rangle
+      + c \|g_0\| \|g_w\|, \qquad d = g_0 + \frac{c \|g_0\|}{\|g_{w^\star}\|}
+      g_{w^\star},
+
+  so :math:`w = 1 / K + c |g_0| w^* / |g_w^*|` (no final :math:`1 / (1 + c^2)` rescale).
+  The inner problem is solved through its fixed point: ``w*`` is the point of
+  the convex hull nearest to ``-t g_0`` (a simplex QP) at the root :math:`t` of
+  :math:`|g_w(t)| = c |g_0| t`, found by bisection over a bracket that contains
+  it (``mantissa bits + 10`` halvings, each QP warm-started). When :math:`g_0 = 0`
+  or :math:`c = 0`, :math:`d = g_0`. When :math:`g_w^* = 0` (0 on the hull's boundary, or
+  :math:`c \ge 1`), :math:`d` is undefined; like the reference implementation of
+  Jacobian descent (TorchJD), the weights are then 0. :math:`|g_w^*|` counts as 0
+  below :math:`\sqrt{eps}` times the longest gradient. Scale: invariant.
+  """
+  g = _normalized(gram)
+  k = g.shape[0]
+  dtype = g.dtype
+  mean = jnp.full([k], 1 / k, dtype)
+  # Sums rather than products with the constant ``mean``: older JAX refuses a
+  # matrix product between an array on an explicit mesh and a constant.
+  gb = jnp.sum(g, axis=1) / k  # G 1 / K
+  radius = jnp.asarray(c, dtype) * jnp.sqrt(jnp.maximum(jnp.sum(gb) / k, 0))  # c |g_0|
+  longest = jnp.sqrt(jnp.max(jnp.diag(g)))
+  live = radius > 0
+  safe_radius = jnp.where(live, radius, 1)
+
+  def h(t, x, free):
+    x, free, _ = _qp.active_set(g, t * gb, x, free, simplex=True)
+    return jnp.sqrt(jnp.maximum(x @ g @ x, 0)) - safe_radius * t, x, free
+
+  x0 = _qp.min_norm_simplex(g)
+  iters = jnp.finfo(dtype).nmant + 10
+
+  def halve(_, carry):
+    lo, hi, x, free = carry
+    mid = (lo + hi) / 2
+    value, x, free = h(mid, x, free)
+    up = value >= 0
+    return jnp.where(up, mid, lo), jnp.where(up, hi, mid), x, free
+
+  hi0 = 2 * longest / safe_radius
+  lo, hi, x, free = lax.fori_loop(0, iters, halve, (jnp.zeros([], dtype), hi0, x0, x0 > 0))
+  _, x, _ = h((lo + hi) / 2, x, free)
+  norm = jnp.sqrt(jnp.maximum(x @ g @ x, 0))
+  at_zero = (lo == 0) | ~(norm > jnp.sqrt(jnp.finfo(dtype).eps) * longest)
+  corrected = mean + safe_radius / jnp.where(at_zero, 1, norm) * x
+  return jnp.where(live, jnp.where(at_zero, jnp.zeros_like(mean), corrected), mean)
+
+
+def mgda(
+  num_objectives: int,
+  *,
+  ema_decay: jax.typing.ArrayLike | None = None,
+  accumulator_dtype: Any | None = None,
+) -> optax.GradientTransformationExtraArgs:
+  r"""MGDA: the min-norm point of the convex hull of the K gradients.
+
+  .. math:: d = \sum_i w_i g_i, \quad w = \arg\min_{w \ge 0,\ \sum_i w_i = 1}
+    w^\top G w,
+
+  with :math:`G_ij = \langle g_i, g_j\rangle`. :math:`d` is a common descent direction of every
+  objective (or 0 at a Pareto-stationary point). The simplex QP is solved
+  exactly inside ``jit`` (see :func:`mgda_weights`).
+
+  Args:
+    num_objectives: the number :math:`K` of objectives: the length of the
+      tuple of gradients ``update`` takes.
+    ema_decay: ``None`` (default: the method as published) or :math:`\beta` in
+      [0, 1], the weight on the OLD average as in ``optax.ema``: the weights
+      are then decided from the Gram matrix of EMAs :math:`E_i' = \beta E_i + (1 - \beta) g_i`
+      of the gradients, kept in the state, and applied to the current
+      gradients. ``ema_decay=0`` equals ``None``.
+    accumulator_dtype: dtype of the EMAs (default float32, or the params'
+      dtype where wider).
+
+  Returns:
+    An ``optax.GradientTransformationExtraArgs`` whose ``update`` takes
+    :math:`(grads_0, \ldots, grads_{K-1})` (a tuple, or a mapping with keys
+    ``0..K-1``) and returns :math:`d` shaped like ``grads_0``; its state is an
+    :class:`AggregatorState`.
+
+  Examples:
+    >>> import jax.numpy as jnp
+    >>> from bloop_optax import aggregators
+    >>> tx = aggregators.mgda(2)
+    >>> g1, g2 = jnp.array([1.0, 0.0]), jnp.array([0.0, 2.0])
+    >>> d, state = tx.update((g1, g2), tx.init(g1))
+    >>> d  # the point of the segment [g1, g2] nearest to 0
+    Array([0.8, 0.4], dtype=float32)
+
+  References:
+    Désidéri, "Multiple-gradient descent algorithm (MGDA) for multiobjective
+    optimization", C. R. Math. 2012; Sener and Koltun, "Multi-Task Learning as
+    Multi-Objective Optimization", NeurIPS 2018.
+  """
+  rule = _no_key(mgda_weights)
+  return _aggregator("aggregators.mgda", num_objectives, rule, ema_decay, accumulator_dtype)
+
+
+def cagrad(
+  num_objectives: int,
+  *,
+  c: jax.typing.ArrayLike = 0.5,
+  ema_decay: jax.typing.ArrayLike | None = None,
+  accumulator_dtype: Any | None = None,
+) -> optax.GradientTransformationExtraArgs:
+  r"""CAGrad: the mean gradient, corrected toward the worst-off objective.
+
+  :math:`d = g_0 + c |g_0| g_w / |g_w|` with :math:`g_0` the mean gradient and :math:`g_w`
+  the minimiser over the convex hull of :math:`\langle g_w, g_0\rangle + c |g_0| |g_w|` (see
+  :func:`cagrad_weights`: the exact fixed point, found by bisection, no
+  solver library). :math:`c = 0` is :func:`mean`.
+
+  Args:
+    num_objectives: the number :math:`K` of objectives.
+    c: :math:`c \ge 0`, the radius of the ball around :math:`g_0` (relative to
+      :math:`|g_0|`) in which the worst objective's decrease is maximised; the
+      paper's convergence guarantee needs :math:`c < 1`.
+    ema_decay: ``None`` (default) or :math:`\beta`: decide the weights from the EMAs'
+      Gram matrix, as in :func:`mgda`.
+    accumulator_dtype: dtype of the EMAs.
+
+  Returns:
+    An ``optax.GradientTransformationExtraArgs``; see :func:`mgda`.
+
+  Examples:
+    >>> import jax.numpy as jnp
+    >>> from bloop_optax import aggregators
+    >>> tx = aggregators.cagrad(1, c=0.5)
+    >>> d, _ = tx.update((jnp.array([2.0, 0.0]),), tx.init(jnp.zeros(2)))
+    >>> d  # one objective: (1 + c) g
+    Array([3., 0.], dtype=float32)
+
+  References:
+    Liu, Liu, Jin, Stone, Liu, "Conflict-Averse Gradient Descent for
+    Multi-task Learning", NeurIPS 2021.
+  """
+  api = "aggregators.cagrad"
+  _checks.check_number(c, "c", api, "a finite number >= 0", lambda v: math.isfinite(v) and v >= 0)
+  rule = _no_key(lambda gram: cagrad_weights(gram, c=c))
+  return _aggregator(api, num_objectives, rule, ema_decay, accumulator_dtype)
