@@ -49,6 +49,9 @@ myst_enable_extensions = ["dollarmath"]
 myst_heading_anchors = 3
 
 autosummary_generate = True
+# The API pages are generated afresh on every build: a page left from a renamed
+# or removed name would otherwise fail the build.
+shutil.rmtree(HERE / "generated", ignore_errors=True)
 autodoc_typehints = "description"
 autodoc_typehints_description_target = "documented"
 autodoc_typehints_format = "short"
