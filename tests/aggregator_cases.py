@@ -23,6 +23,7 @@ RULES = {
   "cagrad": (lambda g: agg.cagrad_weights(g, c=0.5), lambda j: ref.cagrad(j, 0.5)),
   "dualproj": (agg.dualproj_weights, ref.dualproj),
   "config": (agg.config_weights, ref.config),
+  "db_mtl": (agg.db_mtl_weights, ref.db_mtl),
   "nash_mtl": (lambda g: agg.nash_mtl_weights(g, max_norm=None), ref.nash_mtl),
   "fairgrad": (lambda g: agg.fairgrad_weights(g, 2.0), lambda j: ref.fairgrad(j, 2.0)),
 }

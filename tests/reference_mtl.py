@@ -22,6 +22,15 @@ from scipy import optimize
 TOL = 1e-9
 
 
+def db_mtl(jac):
+  """DB-MTL's gradient balancing: every row rescaled to the largest row norm, summed."""
+  norms = np.linalg.norm(jac, axis=1)
+  if not np.any(norms > 0):
+    return np.zeros(jac.shape[1])
+  scaled = [row * (norms.max() / n) for row, n in zip(jac, norms, strict=True) if n > 0]
+  return np.sum(scaled, axis=0)
+
+
 def scale_free(method):
   """Runs ``method`` on ``J / max|J|`` and scales the direction back (every
   method is positively homogeneous), so the tolerances below are relative."""

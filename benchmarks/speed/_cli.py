@@ -71,100 +71,104 @@ def main(argv=None):
   rounds, inner = (3, 2) if args.quick else (15, 5)
   report = {"machine": common.machine(), "rounds": rounds, "calls_per_round": inner}
   g = lambda x: f"{x:.3g}"
-  if args.devices:
-    per_device = [2**14, 2**17] if args.quick else [2**17, 2**20, 2**22]
-    report["scaling"] = scaling.scaling(per_device, rounds, inner)
-    print(
-      common.table(
-        report["scaling"],
-        [
-          ("params_per_device", 18, str),
-          ("variant", 14, str),
-          ("seconds", 12, g),
-          ("ratio_to_mixed_adam", 20, lambda x: f"{x:.3f}"),
-          ("collectives", 60, lambda ops: ", ".join(f"{o} {s}" for o, s in ops) or "none"),
-        ],
-      )
-    )
-    name = f"speed_scaling_{report['machine']['backend']}.json"
-  elif args.many_objectives:
-    sizes = [2**14] if args.quick else [2**18, 2**20]
-    ks = [16] if args.quick else args.objectives
-    report["many_objectives"] = aggregators.many_objectives(ks, sizes, rounds, inner)
-    print("== aggregator + adam at many objectives, ratios to mean + adam (8 leaves)")
-    print(
-      common.table(
-        report["many_objectives"],
-        [
-          ("params", 10, str),
-          ("objectives", 11, str),
-          ("variant", 14, str),
-          ("compile_seconds", 16, lambda x: f"{x:.1f}"),
-          ("seconds", 11, g),
-          ("ratio_to_mean_adam", 20, lambda x: f"{x:.3f}"),
-          ("rule_seconds", 13, g),
-        ],
-      )
-    )
-    suffix = "" if ks == [16, 64] else "_k" + "_".join(map(str, ks))
-    name = f"speed_many_objectives{suffix}_{report['machine']['backend']}.json"
-  elif args.full_step:
-    report["full_step"] = full_step.full_step(rounds, inner)
-    print("== whole training step, ratios to the Mixed step (one jax.grad of main + lam aux, adam)")
-    print(
-      common.table(
-        report["full_step"],
-        [
-          ("model", 25, str),
-          ("params", 9, str),
-          ("variant", 40, str),
-          ("seconds", 11, g),
-          ("ratio_to_mixed", 15, lambda x: f"{x:.3f}"),
-        ],
-      )
-    )
-    name = f"speed_full_step_{report['machine']['backend']}.json"
-  elif args.aggregators:
-    sizes = [2**16] if args.quick else [2**20, 2**22]
-    report["aggregators"] = aggregators.aggregator_step([2, 4, 8], sizes, rounds, inner)
-    print("== aggregator + adam, ratios to mean + adam (8 leaves)")
-    print(
-      common.table(
-        report["aggregators"],
-        [
-          ("params", 10, str),
-          ("objectives", 11, str),
-          ("variant", 14, str),
-          ("seconds", 11, g),
-          ("ratio_to_mean_adam", 20, lambda x: f"{x:.3f}"),
-          ("bytes_per_param_executed", 25, lambda x: f"{x:.2f}"),
-          ("fusions_executed", 17, str),
-        ],
-      )
-    )
-    name = f"speed_aggregators_{report['machine']['backend']}.json"
-  else:
-    sizes = [2**16, 2**18] if args.quick else [2**20, 2**23, 2**25]
-    report["optimizer_step"] = optimizer.optimizer_step(sizes, [8, 200], rounds, inner)
-    print("== optimizer step (tx.update + apply_updates)")
-    print(
-      common.table(
-        report["optimizer_step"],
-        [
-          ("params", 10, str),
-          ("leaves", 7, str),
-          ("variant", 27, str),
-          ("seconds", 10, g),
-          ("ratio_to_mixed_adam", 20, lambda x: f"{x:.3f}"),
-          ("ratio_to_naive", 15, lambda x: f"{x:.3f}"),
-          ("bytes_per_param_executed", 25, lambda x: f"{x:.2f}"),
-          ("fusions_executed", 17, str),
-          ("bytes_per_param_all_code", 25, lambda x: f"{x:.2f}"),
-          ("temp_bytes", 12, str),
-        ],
-      )
-    )
-    name = f"speed_{report['machine']['backend']}.json"
+  r3 = lambda x: f"{x:.3f}"
+  r2 = lambda x: f"{x:.2f}"
+  quick = args.quick
+  ks = [16] if quick else args.objectives
+  # flag -> (report key, rows, title, columns (name, width, format), file stem)
+  sections = {
+    "devices": (
+      "scaling",
+      lambda: scaling.scaling([2**14, 2**17] if quick else [2**17, 2**20, 2**22], rounds, inner),
+      "== N devices, params sharded: time per step against mixed + adam",
+      [
+        ("params_per_device", 18, str),
+        ("variant", 14, str),
+        ("seconds", 12, g),
+        ("ratio_to_mixed_adam", 20, r3),
+        ("collectives", 60, lambda ops: ", ".join(f"{o} {s}" for o, s in ops) or "none"),
+      ],
+      "speed_scaling",
+    ),
+    "many_objectives": (
+      "many_objectives",
+      lambda: aggregators.many_objectives(ks, [2**14] if quick else [2**18, 2**20], rounds, inner),
+      "== aggregator + adam at many objectives, ratios to mean + adam (8 leaves)",
+      [
+        ("params", 10, str),
+        ("objectives", 11, str),
+        ("variant", 14, str),
+        ("compile_seconds", 16, lambda x: f"{x:.1f}"),
+        ("seconds", 11, g),
+        ("ratio_to_mean_adam", 20, r3),
+        ("rule_seconds", 13, g),
+      ],
+      "speed_many_objectives" + ("" if ks == [16, 64] else "_k" + "_".join(map(str, ks))),
+    ),
+    "full_step": (
+      "full_step",
+      lambda: full_step.full_step(rounds, inner),
+      "== whole training step, ratios to the Mixed step (one jax.grad of main + lam aux, adam)",
+      [
+        ("model", 25, str),
+        ("params", 9, str),
+        ("variant", 40, str),
+        ("seconds", 11, g),
+        ("ratio_to_mixed", 15, r3),
+      ],
+      "speed_full_step",
+    ),
+    "aggregators": (
+      "aggregators",
+      lambda: aggregators.aggregator_step(
+        [2, 4, 8], [2**16] if quick else [2**20, 2**22], rounds, inner
+      ),
+      "== aggregator + adam, ratios to mean + adam (8 leaves)",
+      [
+        ("params", 10, str),
+        ("objectives", 11, str),
+        ("variant", 20, str),
+        ("seconds", 11, g),
+        ("ratio_to_mean_adam", 20, r3),
+        ("bytes_per_param_executed", 25, r2),
+        ("fusions_executed", 17, str),
+      ],
+      "speed_aggregators",
+    ),
+    "optimizer_step": (
+      "optimizer_step",
+      lambda: optimizer.optimizer_step(
+        [2**16, 2**18] if quick else [2**20, 2**23, 2**25], [8, 200], rounds, inner
+      ),
+      "== optimizer step (tx.update + apply_updates)",
+      [
+        ("params", 10, str),
+        ("leaves", 7, str),
+        ("variant", 27, str),
+        ("seconds", 10, g),
+        ("ratio_to_mixed_adam", 20, r3),
+        ("ratio_to_naive", 15, r3),
+        ("bytes_per_param_executed", 25, r2),
+        ("fusions_executed", 17, str),
+        ("bytes_per_param_all_code", 25, r2),
+        ("temp_bytes", 12, str),
+      ],
+      "speed",
+    ),
+  }
+  chosen = next(
+    (
+      flag
+      for flag in ("devices", "many_objectives", "full_step", "aggregators")
+      if getattr(args, flag)
+    ),
+    "optimizer_step",
+  )
+  key, rows, title, columns, stem = sections[chosen]
+  report[key] = rows()
+  print(title)
+  print(common.table(report[key], columns))
+  name = f"{stem}_{report['machine']['backend']}.json"
   if args.quick:
     name = name.replace(".json", "_quick.json")
   (args.out / name).write_text(json.dumps(report, indent=1))

@@ -40,6 +40,8 @@ from bloop_optax.aggregators._equalizing import aligned_mtl
 from bloop_optax.aggregators._equalizing import aligned_mtl_weights
 from bloop_optax.aggregators._equalizing import config
 from bloop_optax.aggregators._equalizing import config_weights
+from bloop_optax.aggregators._equalizing import db_mtl
+from bloop_optax.aggregators._equalizing import db_mtl_weights
 from bloop_optax.aggregators._equalizing import imtl_g
 from bloop_optax.aggregators._equalizing import imtl_g_weights
 from bloop_optax.aggregators._fairness import fairgrad
@@ -79,6 +81,8 @@ __all__ = (
   "constant",
   "constant_weights",
   "cr_mogm",
+  "db_mtl",
+  "db_mtl_weights",
   "dualproj",
   "dualproj_weights",
   "fairgrad",

@@ -61,6 +61,7 @@ ENTRIES: tuple[Entry, ...] = (
   Entry("upgrad", rule="upgrad_weights"),
   Entry("dualproj", rule="dualproj_weights"),
   Entry("config", rule="config_weights"),
+  Entry("db_mtl", rule="db_mtl_weights"),
   Entry("krum", min_objectives=3, rule="krum_weights"),
   Entry("nash_mtl", scale_invariant=False, rule="nash_mtl_weights"),
   Entry("fairgrad", required={"alpha": 2.0}, scale_invariant=False, rule="fairgrad_weights"),

@@ -1,5 +1,5 @@
 """Rules that equalise the objectives: IMTL-G (equal projections), Aligned-MTL
-(a well-conditioned Jacobian), ConFIG (equal cosines)."""
+(a well-conditioned Jacobian), ConFIG (equal cosines), DB-MTL (equal norms)."""
 
 from typing import Any
 
@@ -192,3 +192,57 @@ def config(
   """
   rule = _no_key(config_weights)
   return _aggregator("aggregators.config", num_objectives, rule, ema_decay, accumulator_dtype)
+
+
+def db_mtl_weights(gram: jax.Array) -> jax.Array:
+  r"""DB-MTL's gradient-magnitude balancing: every gradient scaled to the largest norm.
+
+  :math:`w_i = \max_j |g_j| / |g_i|` with :math:`|g_i| = \sqrt{G_{ii}}`, so that
+  :math:`d = \sum_i w_i g_i` is the sum of the gradients' directions, each as long as
+  the longest gradient; a zero gradient gets weight 0. Scale: invariant.
+  """
+  norms = jnp.sqrt(jnp.maximum(jnp.diag(_normalized(gram)), 0))
+  alive = norms > 0
+  return jnp.where(alive, jnp.max(norms) / jnp.where(alive, norms, 1), 0)
+
+
+def db_mtl(
+  num_objectives: int,
+  *,
+  ema_decay: jax.typing.ArrayLike | None = None,
+  accumulator_dtype: Any | None = None,
+) -> optax.GradientTransformationExtraArgs:
+  r"""DB-MTL's gradient balancing: the gradients' directions, each as long as the longest.
+
+  :math:`d = \max_j |g_j| \sum_i g_i / |g_i|` (see :func:`db_mtl_weights`): no
+  objective's gradient dominates by its size, and the step keeps the scale of the
+  largest. DB-MTL also balances the losses' scales by differentiating
+  :math:`\log \ell_i` instead of :math:`\ell_i`; do that in the loss function
+  (``value_and_grads`` of the logs). DB-MTL sums EMAs of the gradients with a
+  decaying rate; here ``ema_decay`` is the package's option (weights from the EMAs,
+  applied to the current gradients).
+
+  Args:
+    num_objectives: the number :math:`K` of objectives.
+    ema_decay: ``None`` (default) or :math:`\beta`: decide the weights from the EMAs'
+      Gram matrix, as in :func:`mgda`.
+    accumulator_dtype: dtype of the EMAs.
+
+  Returns:
+    An ``optax.GradientTransformationExtraArgs``; see :func:`mgda`.
+
+  Examples:
+    >>> import jax.numpy as jnp
+    >>> from bloop_optax import aggregators
+    >>> tx = aggregators.db_mtl(2)
+    >>> g1, g2 = jnp.array([1.0, 0.0]), jnp.array([0.0, 3.0])
+    >>> d, _ = tx.update((g1, g2), tx.init(g1))
+    >>> d  # both directions, each of length 3
+    Array([3., 3.], dtype=float32)
+
+  References:
+    Lin, Jiang, Ye, Zhang, Chen, Chen, Liu, Kwok, "Dual-Balancing for
+    Multi-Task Learning", arXiv:2308.12029.
+  """
+  rule = _no_key(db_mtl_weights)
+  return _aggregator("aggregators.db_mtl", num_objectives, rule, ema_decay, accumulator_dtype)
