@@ -174,6 +174,14 @@ CASES = _cases()
 IDS = [c.name for c in CASES]
 
 
+def one_per_aggregator() -> list[Case]:
+  """One case per aggregator of the K = 3 tuple: its EMA variant where it has
+  both (the superset of the code paths), CR-MOGM and the fixed weights."""
+  aggregator_cases = [c for c in CASES if c.name.startswith("aggregators.")]
+  names = {c.name for c in aggregator_cases}
+  return [c for c in aggregator_cases if f"{c.name}_ema" not in names]
+
+
 def params(dtype=jnp.float32) -> dict:
   """Leaf shapes unlike any state scalar or K-vector, so that tests can tell the
   state's parameter-shaped leaves apart."""
