@@ -1,17 +1,24 @@
 """Global inner products over pytrees, and the scalar maths built on them.
 
-Every inner product here is ONE sum over all the leaves of a pytree, taken
-leaf by leaf (a local reduction per leaf, then a sum of scalars), accumulated in
-at least float32. Leaves are never concatenated, so a sharded tree reduces
-locally and only scalars cross devices.
+This module is the one place the package reduces over gradients: Bloop, the
+baselines, PCD, the hierarchy and every aggregator take their inner products
+through :func:`safe_dots` (any pairs of trees) or :func:`gram` (all pairs).
+
+Every inner product is ONE sum over all the leaves of a pytree, taken leaf by
+leaf (a local reduction per leaf, then a sum of scalars), accumulated in at
+least float32. Leaves are never concatenated, so a sharded tree reduces
+locally and only scalars (or, in the stacked form, the K x K matrix) cross
+devices. Up to ``MAX_PAIRWISE_REDUCTIONS`` per-leaf reductions the sums are
+one multiply-and-reduce per pair and leaf (memory speed, no temporary); past
+it, one product of the K stacked leaves per leaf (a compile time that does not
+grow with the pairs, a temporary as large as the K trees).
 
 Float32 sums of squares overflow for norms above about 1.8e19. Rather than
-return a finite but wrong coefficient, the transforms take their inner products
-through :func:`safe_dots`: when a fast sum is not finite, a slow path (a
-``lax.cond`` branch, so it costs nothing when it is not taken) rescales every
-tree by a power of two, recomputes the sums exactly, and returns them with
-their binary exponents. Ratios of inner products then come out exact whatever
-the scale of the gradients.
+return a finite but wrong coefficient, when a fast sum is not finite ONE
+``lax.cond`` branch (which costs nothing when it is not taken) rescales every
+leaf by a power of two, recomputes the sums in the same form exactly, and
+returns them with their binary exponents. Ratios of inner products then come
+out exact whatever the scale of the gradients.
 """
 
 from collections.abc import Sequence
