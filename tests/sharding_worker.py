@@ -10,7 +10,6 @@ import os
 os.environ["XLA_FLAGS"] = "--xla_force_host_platform_device_count=8"
 
 import json  # noqa: E402
-import re  # noqa: E402
 import sys  # noqa: E402
 
 import jax  # noqa: E402
@@ -24,17 +23,8 @@ import optax  # noqa: E402
 import bloop_optax  # noqa: E402
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+from benchmarks.speed._common import collectives  # noqa: E402
 from tests import catalogue  # noqa: E402
-
-COLLECTIVE = re.compile(
-  r"=\s*(.+?)\s+(all-reduce|all-gather|reduce-scatter|all-to-all|"
-  r"collective-permute)(-start)?\("
-)
-
-
-def collectives(hlo_text):
-  """(op, result shape) of every cross-device collective in compiled HLO."""
-  return [(m.group(2), m.group(1)) for m in COLLECTIVE.finditer(hlo_text)]
 
 
 def main(axis_type_name):

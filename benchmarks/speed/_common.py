@@ -1,10 +1,11 @@
 """What every table of the speed benchmark shares: synthetic parameters, the
 jitted optimizer step and its interleaved timing, XLA's cost figures, the
-machine description and the printed table."""
+machine description, the printed table and the collectives of compiled HLO."""
 
 import os
 import pathlib
 import platform
+import re
 import statistics
 import time
 
@@ -190,3 +191,14 @@ def table(rows, columns):
   for row in rows:
     lines.append("".join(f"{fmt(row[c]):>{w}}" for c, w, fmt in columns))
   return "\n".join(lines)
+
+
+COLLECTIVE = re.compile(
+  r"=\s*(.+?)\s+(all-reduce|all-gather|reduce-scatter|all-to-all|"
+  r"collective-permute)(-start)?\("
+)
+
+
+def collectives(hlo_text):
+  """(op, result shape) of every cross-device collective in compiled HLO."""
+  return [(m.group(2), m.group(1)) for m in COLLECTIVE.finditer(hlo_text)]

@@ -11,7 +11,6 @@ def _scaling_at(per_device, rounds, inner):
   import optax
 
   import bloop_optax
-  from tests.sharding_worker import collectives
 
   devices = jax.device_count()
   mesh = jax.make_mesh((devices,), ("data",), axis_types=(jax.sharding.AxisType.Auto,))
@@ -35,7 +34,7 @@ def _scaling_at(per_device, rounds, inner):
   ):
     _, jitted, init, call = common.optimizer_step(tx, params, pair, jax.jit(tx.init))
     fns[name] = (init, call)
-    hlo_ops[name] = collectives(jitted.lower(*init()).compile().as_text())
+    hlo_ops[name] = common.collectives(jitted.lower(*init()).compile().as_text())
   times = common.time_interleaved(fns, rounds, inner)
   return [
     {
