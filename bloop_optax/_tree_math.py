@@ -204,8 +204,14 @@ def _scale_factors(e: jax.Array, dtype: Any) -> tuple[jax.Array, jax.Array]:
 # are taken as one full-precision product of the K stacked leaves per leaf,
 # which compiles in a time that does not grow with the pairs; below it, one
 # multiply-and-reduce per pair and leaf, which runs at memory speed and keeps
-# no parameter-sized temporary. Both forms share the overflow path below.
+# no parameter-sized temporary.
 MAX_PAIRWISE_REDUCTIONS = 4096
+# The overflow branch rescales every leaf, which in the pairwise form is a
+# reduction per pair and leaf with its own scale factors: its compile time
+# grows with K^2. Up to this many trees it takes that form (no temporary);
+# beyond, the stacked form (a temporary as large as the K trees, allocated
+# with the program though the branch runs only when a float32 sum overflows).
+MAX_TREES_RESCALED_PAIRWISE = 8
 
 
 def _pairwise(per_leaf, pairs, dtype, scales=None) -> jax.Array:
@@ -315,6 +321,11 @@ def _inner(trees, pairs, skip_slow) -> Dots:
     return Dots(fast, jnp.zeros([k], jnp.int32), jnp.ones([], bool))
 
   def slow_path():
+    if pairwise and k > MAX_TREES_RESCALED_PAIRWISE:  # the stacked form, then picked
+      matrix = _rescaled(per_leaf, None, k, fast.dtype, False)
+      if pairs is None:
+        return matrix
+      return matrix._replace(values=jnp.stack([matrix.values[i, j] for i, j in pairs]))
     return _rescaled(per_leaf, pairs, k, fast.dtype, pairwise)
 
   overflow = ~jnp.all(jnp.isfinite(fast)) & ~jnp.asarray(skip_slow)

@@ -101,9 +101,8 @@ class overflow_branch_stubbed:
 
     def stub(per_leaf, pairs, k, dtype, pairwise):
       del per_leaf, pairwise
-      return _tree_math.Dots(
-        jnp.zeros([len(pairs)], dtype), jnp.zeros([k], jnp.int32), jnp.ones([], bool)
-      )
+      shape = [k, k] if pairs is None else [len(pairs)]
+      return _tree_math.Dots(jnp.zeros(shape, dtype), jnp.zeros([k], jnp.int32), jnp.ones([], bool))
 
     _tree_math._rescaled = stub
 
