@@ -94,8 +94,12 @@ def main(axis_type_name):
       state = jax.jit(chain.init)(p)
       first = tuple(put(g) for g in steps_of_grads[0])
       update = jax.jit(chain.update).lower(first, state, p).compile()
+      # With automatic sharding the step may return its state laid out unlike
+      # its inputs: each step's arguments are put where the executable wants them.
+      wanted = update.input_shardings[0]
       for grads in steps_of_grads:
-        d, state = update(tuple(put(g) for g in grads), state, p)
+        args = jax.device_put((tuple(put(g) for g in grads), state, p), wanted)
+        d, state = update(*args)
         p = optax.apply_updates(p, d)
       return p, d, update.as_text()
 
