@@ -11,8 +11,6 @@ from bloop_optax.aggregators._base import _no_key
 from bloop_optax.aggregators._linalg import _normalized
 from bloop_optax.aggregators._linalg import _onto_dual_cone
 
-PyTree = Any
-
 
 def upgrad_weights(gram: jax.Array) -> jax.Array:
   r"""UPGrad: the mean of every gradient projected onto the dual cone.

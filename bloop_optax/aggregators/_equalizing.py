@@ -13,8 +13,6 @@ from bloop_optax.aggregators._base import _no_key
 from bloop_optax.aggregators._linalg import _cosines
 from bloop_optax.aggregators._linalg import _normalized
 
-PyTree = Any
-
 
 def imtl_g_weights(gram: jax.Array) -> jax.Array:
   r"""IMTL-G: the combination whose projections on every unit gradient are equal.

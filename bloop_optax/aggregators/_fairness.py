@@ -14,9 +14,6 @@ from bloop_optax.aggregators._base import _check_count
 from bloop_optax.aggregators._linalg import _cosines
 from bloop_optax.aggregators._linalg import _normalized
 
-PyTree = Any
-
-
 # Damped Newton iterations of the alpha-fair problem (Nash-MTL, FairGrad). From
 # the start below, well-posed problems converge in under 10 and the ridge's
 # degenerate directions (opposite or zero gradients) grow geometrically to

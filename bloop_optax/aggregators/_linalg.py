@@ -2,14 +2,10 @@
 matrix, projections onto the simplex and a dual cone, cosines, visiting
 orders."""
 
-from typing import Any
-
 import jax
 import jax.numpy as jnp
 
 from bloop_optax import _qp
-
-PyTree = Any
 
 
 def _normalized(gram: jax.Array) -> jax.Array:
@@ -22,7 +18,7 @@ def _onto_dual_cone(g: jax.Array, u: jax.Array) -> jax.Array:
   """Weights of the projection of ``J^T u`` onto the dual cone of the rows of
   ``J``: ``argmin_{v >= u} v^T G v``, i.e. ``u`` plus the nonnegative QP in
   ``x = v - u`` (quadratic ``G``, linear ``G u``). ``G u`` as a sum of
-  products: older JAX refuses a matrix product between an array on an explicit
+  products: jax 0.6 refuses a matrix product between an array on an explicit
   mesh and a constant ``u``."""
   return u + _qp.nonneg(g, jnp.sum(g * u[None, :], axis=1))
 
@@ -38,7 +34,7 @@ def _cosines(g: jax.Array) -> tuple[jax.Array, jax.Array, jax.Array]:
 
 def _onto_simplex(v: jax.Array) -> jax.Array:
   """Euclidean projection onto the probability simplex (sort, then the
-  threshold; no gather or scatter, which older JAX cannot partition on an
+  threshold; no gather or scatter, which jax 0.6 cannot partition on an
   explicit mesh)."""
   k = v.shape[0]
   u = jnp.sort(v)[::-1]

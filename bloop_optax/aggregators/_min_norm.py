@@ -15,8 +15,6 @@ from bloop_optax.aggregators._base import _aggregator
 from bloop_optax.aggregators._base import _no_key
 from bloop_optax.aggregators._linalg import _normalized
 
-PyTree = Any
-
 
 def mgda_weights(gram: jax.Array) -> jax.Array:
   r"""MGDA: the weights of the min-norm point of the gradients' convex hull.
@@ -55,7 +53,7 @@ def cagrad_weights(gram: jax.Array, *, c: jax.typing.ArrayLike = 0.5) -> jax.Arr
   k = g.shape[0]
   dtype = g.dtype
   mean = jnp.full([k], 1 / k, dtype)
-  # Sums rather than products with the constant ``mean``: older JAX refuses a
+  # Sums rather than products with the constant ``mean``: jax 0.6 refuses a
   # matrix product between an array on an explicit mesh and a constant.
   gb = jnp.sum(g, axis=1) / k  # G 1 / K
   radius = jnp.asarray(c, dtype) * jnp.sqrt(jnp.maximum(jnp.sum(gb) / k, 0))  # c |g_0|

@@ -12,8 +12,6 @@ from bloop_optax.aggregators._base import _check_count
 from bloop_optax.aggregators._base import _no_key
 from bloop_optax.aggregators._linalg import _normalized
 
-PyTree = Any
-
 
 def krum_weights(gram: jax.Array, *, n_byzantine: int = 0, n_selected: int = 1) -> jax.Array:
   r"""Krum: the mean of the gradients closest to their neighbours.
@@ -33,7 +31,7 @@ def krum_weights(gram: jax.Array, *, n_byzantine: int = 0, n_selected: int = 1) 
   nearest = jnp.sort(dist, axis=1)[:, : k - n_byzantine - 2]
   scores = jnp.sum(nearest, axis=1)
   # Each score's rank (ties to the lower index), by comparisons: no scatter,
-  # which older JAX cannot partition on an explicit mesh.
+  # which jax 0.6 cannot partition on an explicit mesh.
   index = jnp.arange(k)
   before = (scores[None, :] < scores[:, None]) | (
     (scores[None, :] == scores[:, None]) & (index[None, :] < index[:, None])

@@ -16,8 +16,6 @@ from bloop_optax.aggregators._base import _keyed
 from bloop_optax.aggregators._linalg import _normalized
 from bloop_optax.aggregators._linalg import _orders
 
-PyTree = Any
-
 
 def pcgrad_weights(gram: jax.Array, orders: jax.Array) -> jax.Array:
   r"""PCGrad for K objectives, with the given visiting orders.

@@ -1,7 +1,5 @@
 """Weights that ignore the gradients' geometry: the mean, fixed weights, random weights."""
 
-from typing import Any
-
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -15,8 +13,6 @@ from bloop_optax.aggregators._base import _check_count
 from bloop_optax.aggregators._base import _check_key
 from bloop_optax.aggregators._base import _keyed
 from bloop_optax.aggregators._base import _no_key
-
-PyTree = Any
 
 
 def mean_weights(gram: jax.Array) -> jax.Array:

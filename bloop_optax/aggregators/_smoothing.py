@@ -17,8 +17,6 @@ from bloop_optax.aggregators._base import _check_count
 from bloop_optax.aggregators._linalg import _normalized
 from bloop_optax.aggregators._linalg import _onto_simplex
 
-PyTree = Any
-
 
 def moco_weights(
   gram: jax.Array,
