@@ -214,41 +214,34 @@ MAX_PAIRWISE_REDUCTIONS = 4096
 MAX_TREES_RESCALED_PAIRWISE = 8
 
 
-def _pairwise(per_leaf, pairs, dtype, scales=None) -> jax.Array:
-  """One multiply-and-reduce per pair and leaf, summed over the leaves.
+def _pairwise_rescaled(per_leaf, pairs, dtype, scales) -> jax.Array:
+  """:func:`tree_dots` of the pairs with every leaf rescaled: one
+  multiply-and-reduce per pair and leaf, summed over the leaves.
 
-  ``scales``: ``None``, or :func:`_leaf_scales`' three ``[K, leaves]`` factors
-  (leaf ``n`` of tree ``i`` is read as ``x * a[i, n] * b[i, n]``, an exact
-  rescaling, and its products brought back by ``back``). They pass through an
-  optimization barrier per pair, so XLA sees opaque scalars and fuses each
-  scaling into its reduction instead of storing a scaled copy of a leaf that
-  several pairs read.
+  ``scales``: :func:`_leaf_scales`' three ``[K, leaves]`` factors (leaf ``n`` of
+  tree ``i`` is read as ``x * a[i, n] * b[i, n]``, an exact rescaling, and its
+  products brought back by ``back``). They pass through an optimization
+  barrier per pair, so XLA sees opaque scalars and fuses each scaling into its
+  reduction instead of storing a scaled copy of a leaf that several pairs read.
   """
   values = []
   for i, j in pairs:
     total = jnp.zeros((), dtype)
-    factors = None
-    if scales is not None:
-      factors = lax.optimization_barrier(tuple(f[m] for f in scales for m in (i, j)))
+    factors = lax.optimization_barrier(tuple(f[m] for f in scales for m in (i, j)))
     for n, xs in enumerate(per_leaf):
-      x, y = xs[i], xs[j]
-      w = wide(x.dtype, y.dtype)
-      x, y = x.astype(w), y.astype(w)
-      if factors is None:
-        part = jnp.sum(x * y)
-      else:
-        a_i, a_j, b_i, b_j, back_i, back_j = (f[n].astype(w) for f in factors)
-        part = jnp.sum((x * a_i * b_i) * (y * a_j * b_j)) * back_i * back_j
+      w = wide(xs[i].dtype, xs[j].dtype)
+      x, y = xs[i].astype(w), xs[j].astype(w)
+      a_i, a_j, b_i, b_j, back_i, back_j = (f[n].astype(w) for f in factors)
+      part = jnp.sum((x * a_i * b_i) * (y * a_j * b_j)) * back_i * back_j
       total = total.astype(wide(total.dtype, part.dtype)) + part
     values.append(total)
-  out_dtype = wide(dtype, *(v.dtype for v in values))
-  return jnp.stack([v.astype(out_dtype) for v in values])
+  return jnp.stack([v.astype(dtype) for v in values])
 
 
 def _stacked(per_leaf, pairs, k, dtype, scales=None) -> jax.Array:
   """The requested entries of the K x K Gram matrix, as one full-precision
   product of the K stacked leaves per leaf (the stacked leaves are a
-  temporary as large as the K trees). ``scales`` as in :func:`_pairwise`."""
+  temporary as large as the K trees). ``scales`` as in :func:`_pairwise_rescaled`."""
   total = jnp.zeros((k, k), dtype)
   for n, xs in enumerate(per_leaf):
     w = wide(*(x.dtype for x in xs))
@@ -315,49 +308,41 @@ def _inner(trees, pairs, skip_slow) -> Dots:
     dots = _inner(trees, upper, skip_slow)
     return dots._replace(values=matrix_from_pairs(dots.values, upper, (k, k), symmetric=True))
 
-  fast = _sums(per_leaf, pairs, k, dtype, pairwise)
+  if pairwise:
+    fast = tree_dots(*((trees[i], trees[j]) for i, j in pairs))
+  else:
+    fast = _stacked(per_leaf, pairs, k, dtype)
 
   def fast_path():
     return Dots(fast, jnp.zeros([k], jnp.int32), jnp.ones([], bool))
 
   def slow_path():
-    if pairwise and k > MAX_TREES_RESCALED_PAIRWISE:  # the stacked form, then picked
-      matrix = _rescaled(per_leaf, None, k, fast.dtype, False)
-      if pairs is None:
-        return matrix
-      return matrix._replace(values=jnp.stack([matrix.values[i, j] for i, j in pairs]))
-    return _rescaled(per_leaf, pairs, k, fast.dtype, pairwise)
+    return _rescaled(per_leaf, pairs, k, dtype, pairwise and k <= MAX_TREES_RESCALED_PAIRWISE)
 
   overflow = ~jnp.all(jnp.isfinite(fast)) & ~jnp.asarray(skip_slow)
   return lax.cond(overflow, slow_path, fast_path)
 
 
-def _sums(per_leaf, pairs, k, dtype, pairwise, scales=None) -> jax.Array:
-  """The inner products of ``pairs``, or (stacked form) with ``pairs=None`` the
-  K x K matrix."""
-  if pairwise:
-    return _pairwise(per_leaf, pairs, dtype, scales)
-  return _stacked(per_leaf, pairs, k, dtype, scales)
-
-
 def _rescaled(per_leaf, pairs, k, dtype, pairwise) -> Dots:
   """The overflow path of :func:`safe_dots`: every leaf scaled by a power of two
   from its own largest magnitude, each tree's exponent the largest of its
-  leaves'. NaN values (and ``finite`` false) when an input is not finite."""
-  per_tree = list(zip(*per_leaf, strict=True)) if per_leaf else [() for _ in range(k)]
-  wide_dtype = wide(*(x.dtype for xs in per_leaf for x in xs))
-  maxima = jnp.stack(
-    [
-      jnp.stack([jnp.max(jnp.abs(x), initial=0).astype(wide_dtype) for x in xs] or [one_zero])
-      for xs in per_tree
-      for one_zero in [jnp.zeros((), wide_dtype)]
-    ]
-  )  # [K, leaves] (a zero column for trees without leaves)
+  leaves'. NaN values (and ``finite`` false) when an input is not finite.
+  ``dtype`` is the widest of the leaves' dtypes and float32."""
+  if per_leaf:  # [K, leaves]
+    maxima = jnp.stack(
+      [jnp.stack([jnp.max(jnp.abs(x), initial=0).astype(dtype) for x in xs]) for xs in per_leaf],
+      axis=1,
+    )
+  else:  # trees without leaves: one zero column
+    maxima = jnp.zeros([k, 1], dtype)
   finite = jnp.all(jnp.isfinite(maxima))
   leaf_exps = _exponent(maxima)
   tree_exps = jnp.max(leaf_exps, axis=1)
-  scales = _leaf_scales(leaf_exps, tree_exps, wide_dtype)
-  values = _sums(per_leaf, pairs, k, dtype, pairwise, scales).astype(dtype)
+  scales = _leaf_scales(leaf_exps, tree_exps, dtype)
+  if pairwise:
+    values = _pairwise_rescaled(per_leaf, pairs, dtype, scales)
+  else:  # the requested pairs, or with pairs=None the K x K matrix
+    values = _stacked(per_leaf, pairs, k, dtype, scales)
   return Dots(jnp.where(finite, values, jnp.nan), tree_exps, finite)
 
 

@@ -113,18 +113,8 @@ def _cases() -> list[Case]:
       ),
       2,
     ),
-    Case(
-      "aggregators.mean",
-      lambda: aggregators.mean(3),
-      3,
-      aggregators.mean,
-      {"num_objectives": 3},
-      ("num_objectives",),
-    ),
   ]
   for entry in _catalogue.ENTRIES:
-    if entry.name == "mean":
-      continue
     options = AGGREGATOR_OPTIONS.get(entry.name, {})
     for decay in EMA_VARIANTS.get(entry.name, (None,)):
       suffix = "" if decay is None else "_ema"

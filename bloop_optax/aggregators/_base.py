@@ -91,9 +91,7 @@ def _check_ema(ema_decay: Any, api: str) -> None:
     _checks.check_ema_decay(ema_decay, api)
 
 
-def _gram(
-  trees, k: int, skip_slow: jax.Array | bool = False
-) -> tuple[jax.Array, jax.Array, jax.Array]:
+def _gram(trees, skip_slow: jax.Array | bool = False) -> tuple[jax.Array, jax.Array, jax.Array]:
   """The Gram matrix of ``trees`` scaled by the common factor ``4**-m``
   (exact), whether they were finite, and ``m``: the true Gram matrix is the
   first times ``4**m``, which the rules whose weights depend on the scale
@@ -176,7 +174,7 @@ def _aggregator(
       gram, finite, log2_scale = jnp.zeros((k, k), dtype), tm.all_finite(grads), 0
       emas = None
     elif state.grad_emas is None:
-      gram, finite, log2_scale = _gram(grads, k)
+      gram, finite, log2_scale = _gram(grads)
       emas = None
     else:
       _pair.check_same_layout(
@@ -194,7 +192,7 @@ def _aggregator(
       emas = tuple(
         tm.ema_update(e, g, beta, finite) for e, g in zip(state.grad_emas, grads, strict=True)
       )
-      gram, _, log2_scale = _gram(emas, k, skip_slow=~finite)
+      gram, _, log2_scale = _gram(emas, skip_slow=~finite)
     rng_key, sub = jax.random.split(state.rng_key) if random else (None, None)
     weights, rule_state = rule(gram, log2_scale, sub, state.rule_state)
     weights = jnp.where(finite, weights, jnp.nan)
