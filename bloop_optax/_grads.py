@@ -70,6 +70,7 @@ def _losses(out: Any, has_aux: bool) -> tuple[jax.Array, ...]:
 def _one_forward(restricted: Callable[..., Any], diff: tuple[Any, ...]):
   """Runs ``restricted(*diff) -> (losses, data)`` once; a gradient per loss."""
   losses, tangent_fn, data = jax.linearize(restricted, *diff, has_aux=True)
+  tangent_fn = jax.jit(tangent_fn)
   # Transposing each output's projection of the linearization, instead of
   # pulling (1, 0) and (0, 1) back through the joint vjp, lets JAX treat the
   # other losses' cotangents as symbolic zeros: each backward pass covers

@@ -149,6 +149,13 @@ def _cases() -> list[Case]:
       (),
     ),
     Case(
+      "aggregators.on_shared",
+      lambda: aggregators.on_shared(
+        aggregators.upgrad(3, ema_decay=0.9), lambda g: {name: name != "b" for name in g}
+      ),
+      3,
+    ),
+    Case(
       "aggregators.constant",
       lambda: aggregators.constant(3, (1.0, 0.5, 2.0)),
       3,

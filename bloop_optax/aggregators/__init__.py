@@ -64,6 +64,8 @@ from bloop_optax.aggregators._simple import mean
 from bloop_optax.aggregators._simple import mean_weights
 from bloop_optax.aggregators._simple import random
 from bloop_optax.aggregators._simple import random_weights
+from bloop_optax.aggregators._shared import SharedParamsState
+from bloop_optax.aggregators._shared import on_shared
 from bloop_optax.aggregators._smoothing import SmoothedWeightsState
 from bloop_optax.aggregators._smoothing import cr_mogm
 from bloop_optax.aggregators._smoothing import moco
@@ -71,6 +73,7 @@ from bloop_optax.aggregators._smoothing import moco_weights
 
 __all__ = (
   "AggregatorState",
+  "SharedParamsState",
   "SmoothedWeightsState",
   "aligned_mtl",
   "aligned_mtl_weights",
@@ -101,6 +104,7 @@ __all__ = (
   "moco_weights",
   "nash_mtl",
   "nash_mtl_weights",
+  "on_shared",
   "pcd_weights",
   "pcgrad",
   "pcgrad_weights",

@@ -1,0 +1,242 @@
+"""aggregators.on_shared: the aggregator decides from the shared parameters' K
+gradients and applies to them; each task-specific parameter gets the sum of its
+gradients (its own task's). Checked against a NumPy reference written from the
+definition of TorchJD's ``mtl_backward`` + ``jac_to_grad``, and against the
+wrapped aggregator run on the shared subtree alone, for every aggregator."""
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+import pytest
+
+import bloop_optax
+from bloop_optax import aggregators as agg
+from bloop_optax.aggregators import _catalogue
+from tests import reference_mtl as ref
+from tests.aggregator_cases import FACTORIES
+from tests.aggregator_cases import RULES
+from tests.catalogue import AGGREGATOR_OPTIONS
+from tests.helpers import enable_x64
+from tests.helpers import flat
+
+pytestmark = pytest.mark.usefixtures("strict_dtype_promotion")
+
+MASK = {"trunk": True, "heads": False}
+
+
+def task_grads(rng, k, dtype=jnp.float32):
+  """K gradients of a trunk + K heads model: head j's gradient is zero for every
+  task but j (what differentiating task i's loss gives), the trunk's are dense."""
+  out = []
+  for i in range(k):
+    scale = rng.uniform(0.5, 3)
+    trunk = {
+      "w": scale * rng.standard_normal((6, 4)),
+      "b": scale * rng.standard_normal(4),
+    }
+    heads = [
+      {"w": rng.standard_normal((4, 2)) if j == i else np.zeros((4, 2))} for j in range(k)
+    ]
+    out.append(jax.tree.map(lambda x: jnp.asarray(x, dtype), {"trunk": trunk, "heads": heads}))
+  return tuple(out)
+
+
+def shared_flags(tree):
+  """Per flattened coordinate: whether it belongs to the trunk."""
+  marks = {"trunk": jax.tree.map(jnp.ones_like, tree["trunk"]),
+           "heads": jax.tree.map(jnp.zeros_like, tree["heads"])}
+  return flat(marks) > 0.5
+
+
+def mtl_backward_reference(jac, shared, rule):
+  """TorchJD's mtl_backward then jac_to_grad, on the K x P Jacobian: the rule on
+  the shared columns, the task-specific columns summed over tasks."""
+  out = np.empty(jac.shape[1])
+  out[shared] = rule(jac[:, shared])
+  out[~shared] = jac[:, ~shared].sum(axis=0)
+  return out
+
+
+def pcgrad_orders(tx, grads, k):
+  key = jax.random.split(tx.init(grads[0]).inner.rng_key)[1]
+  return np.asarray(jax.vmap(lambda kk: jax.random.permutation(kk, k))(jax.random.split(key, k)))
+
+
+@pytest.mark.parametrize("name", ["mean", *FACTORIES])
+def test_equals_the_mtl_backward_reference_in_float32_and_float64(name):
+  for dtype, tol in ((jnp.float32, 1e-5), (jnp.float64, 1e-10)):
+    with enable_x64():
+      rng = np.random.default_rng(5)
+      for k in (2, 4):
+        grads = task_grads(rng, k, dtype)
+        inner = agg.mean(k) if name == "mean" else FACTORIES[name](k)
+        tx = agg.on_shared(inner, MASK)
+        d, state = jax.jit(tx.update)(grads, tx.init(grads[0]))
+        jac = np.stack([flat(g) for g in grads])
+        shared = shared_flags(grads[0])
+        if name == "pcgrad":
+          orders = pcgrad_orders(tx, grads, k)
+          rule = lambda j, o=orders: ref.pcgrad(j, o)  # noqa: E731
+        else:
+          rule = RULES[name][1]
+        want = mtl_backward_reference(jac, shared, rule)
+        got = flat(d)
+        assert np.abs(got - want).max() <= tol * np.abs(want).max(), (name, k, dtype)
+        assert jax.tree.structure(d) == jax.tree.structure(grads[0])
+        assert all(x.dtype == dtype for x in jax.tree.leaves(d))
+        if name == "mean":  # mean keeps no state
+          continue
+        # the weights were decided from the trunk's Gram matrix alone
+        np.testing.assert_allclose(
+          np.asarray(state.inner.objective_weights, np.float64) @ jac[:, shared],
+          got[shared],
+          rtol=1e-5,
+          atol=1e-5 * np.abs(got).max(),
+        )
+
+
+@pytest.mark.parametrize("name", ["upgrad", "mgda", "nash_mtl", "config"])
+def test_ema_weights_come_from_the_shared_emas(name):
+  """With ema_decay the EMAs cover the shared parameters only; the weights are
+  decided from their Gram matrix and applied to the current shared gradients."""
+  k, beta = 3, 0.8
+  rng = np.random.default_rng(11)
+  tx = agg.on_shared(FACTORIES[name](k, ema_decay=beta), MASK)
+  state = tx.init(task_grads(rng, k)[0])
+  assert jax.tree.leaves(state.inner.grad_emas[0]) and all(
+    x.shape in ((6, 4), (4,)) for x in jax.tree.leaves(state.inner.grad_emas)
+  )
+  update = jax.jit(tx.update)
+  shared = shared_flags(task_grads(rng, k)[0])
+  emas = np.zeros((k, int(shared.sum())))
+  for _ in range(8):
+    grads = task_grads(rng, k)
+    d, state = update(grads, state)
+    jac = np.stack([flat(g) for g in grads])
+    emas = beta * emas + (1 - beta) * jac[:, shared]
+    weights, *_ = np.linalg.lstsq(emas.T, RULES[name][1](emas), rcond=None)
+    want = mtl_backward_reference(jac, shared, lambda j, w=weights: w @ j)
+    assert np.abs(flat(d) - want).max() <= 2e-5 * np.abs(want).max(), name
+  np.testing.assert_allclose(
+    np.stack([flat(e) for e in state.inner.grad_emas]), emas, rtol=1e-5, atol=1e-6
+  )
+
+
+def _shared_of(tree):
+  return tree["trunk"]
+
+
+@pytest.mark.parametrize("entry", _catalogue.ENTRIES, ids=lambda e: e.name)
+def test_every_aggregator_is_its_own_direction_on_the_shared_subtree(entry):
+  """Any aggregator wrapped: on the trunk, exactly what it gives when handed the
+  trunk's gradients alone (with its state carried over steps); on the heads,
+  each head's own gradient."""
+  k = 3
+  options = dict(AGGREGATOR_OPTIONS.get(entry.name, {}))
+  if entry.ema == "required":
+    options.setdefault("ema_decay", 0.9)
+  rng = np.random.default_rng(2)
+  wrapped = agg.on_shared(entry.make(k, **options), MASK)
+  alone = entry.make(k, **options)
+  first = task_grads(rng, k)
+  w_state, a_state = wrapped.init(first[0]), alone.init(_shared_of(first[0]))
+  for _ in range(3):
+    grads = task_grads(rng, k)
+    d, w_state = jax.jit(wrapped.update)(grads, w_state)
+    want, a_state = jax.jit(alone.update)(tuple(_shared_of(g) for g in grads), a_state)
+    np.testing.assert_allclose(flat(d["trunk"]), flat(want), rtol=1e-6, atol=1e-7)
+    for j, head in enumerate(d["heads"]):
+      np.testing.assert_array_equal(head["w"], grads[j]["heads"][j]["w"])
+  if entry.name != "mean":  # mean keeps no state
+    np.testing.assert_allclose(
+      w_state.inner.objective_weights, a_state.objective_weights, rtol=1e-6
+    )
+
+
+def test_differs_from_aggregating_every_parameter():
+  """The semantics matter: UPGrad on the full gradients (heads included) moves
+  the trunk differently and scales each head by its weight."""
+  rng = np.random.default_rng(4)
+  grads = task_grads(rng, 4)
+  full, shared = agg.upgrad(4), agg.on_shared(agg.upgrad(4), MASK)
+  d_full, _ = full.update(grads, full.init(grads[0]))
+  d_shared, _ = shared.update(grads, shared.init(grads[0]))
+  gap = np.abs(flat(d_full["trunk"]) - flat(d_shared["trunk"])).max()
+  assert gap > 1e-3 * np.abs(flat(d_shared["trunk"])).max()
+
+
+def test_mask_forms_callable_prefix_and_full_agree():
+  rng = np.random.default_rng(0)
+  grads = task_grads(rng, 2)
+  full_mask = jax.tree.map(lambda _: True, grads[0]) | {
+    "heads": jax.tree.map(lambda _: False, grads[0]["heads"])
+  }
+  outs = []
+  for shared in (MASK, full_mask, lambda tree: {"trunk": True, "heads": False}):
+    tx = agg.on_shared(agg.mgda(2), shared)
+    outs.append(flat(tx.update(grads, tx.init(grads[0]))[0]))
+  np.testing.assert_array_equal(outs[0], outs[1])
+  np.testing.assert_array_equal(outs[0], outs[2])
+
+
+@pytest.mark.optax_optimizer
+def test_chain_with_value_and_grads_trains_a_trunk_and_heads():
+  """A jitted step: value_and_grads of K losses, on_shared(upgrad), adam; each
+  task's loss falls."""
+  k = 3
+  rng = np.random.default_rng(1)
+  x = jnp.asarray(rng.standard_normal((64, 5)), jnp.float32)
+  targets = jnp.asarray(x @ rng.standard_normal((5, k)), jnp.float32)
+  params = {
+    "trunk": jnp.asarray(0.3 * rng.standard_normal((5, 8)), jnp.float32),
+    "heads": [jnp.asarray(0.3 * rng.standard_normal(8), jnp.float32) for _ in range(k)],
+  }
+
+  def losses(p):
+    f = jnp.tanh(x @ p["trunk"])
+    return tuple(jnp.mean((f @ p["heads"][i] - targets[:, i]) ** 2) for i in range(k))
+
+  tx = optax.chain(agg.on_shared(agg.upgrad(k), MASK), optax.adam(1e-2))
+  state = tx.init(params)
+
+  @jax.jit
+  def step(p, s):
+    values, grads = bloop_optax.value_and_grads(losses)(p)
+    updates, s = tx.update(grads, s, p)
+    return optax.apply_updates(p, updates), s, jnp.stack(values)
+
+  first = None
+  for _ in range(300):
+    params, state, values = step(params, state)
+    first = values if first is None else first
+  assert np.all(np.asarray(values) < 0.5 * np.asarray(first))
+
+
+def test_nonfinite_head_gradient_gives_nan_everywhere():
+  rng = np.random.default_rng(0)
+  grads = task_grads(rng, 2)
+  grads[1]["heads"][1]["w"] = grads[1]["heads"][1]["w"].at[0, 0].set(jnp.nan)
+  tx = agg.on_shared(agg.upgrad(2), MASK)
+  d, _ = tx.update(grads, tx.init(grads[0]))
+  assert np.all(np.isnan(flat(d)))
+
+
+@pytest.mark.parametrize(
+  ("shared", "error", "match"),
+  [
+    ({"trunk": True}, ValueError, "structure of the parameters"),
+    ({"trunk": False, "heads": False}, ValueError, "selects none"),
+    ({"trunk": jnp.array(True), "heads": False}, TypeError, r"Python bool in shared at \['trunk'\]"),
+  ],
+)
+def test_bad_masks_raise_with_the_path(shared, error, match):
+  grads = task_grads(np.random.default_rng(0), 2)
+  tx = agg.on_shared(agg.upgrad(2), shared)
+  with pytest.raises(error, match=match):
+    tx.init(grads[0])
+
+
+def test_a_non_transform_raises():
+  with pytest.raises(TypeError, match="expected inner to be an aggregator"):
+    agg.on_shared(agg.upgrad_weights, MASK)
