@@ -29,6 +29,7 @@ import jax.numpy as jnp
 from bloop_optax import _checks
 from bloop_optax import _grads_nnx
 from bloop_optax import _grads_pytree
+from bloop_optax import _linear_parts
 from bloop_optax._pair import MainAux
 from bloop_optax._pair import _describe
 
@@ -68,14 +69,22 @@ def _losses(out: Any, has_aux: bool) -> tuple[jax.Array, ...]:
 
 
 def _one_forward(restricted: Callable[..., Any], diff: tuple[Any, ...]):
-  """Runs ``restricted(*diff) -> (losses, data)`` once; a gradient per loss."""
+  """Runs ``restricted(*diff) -> (losses, data)`` once; a gradient per loss.
+
+  Each loss is pulled back alone through its own part of the linearization
+  (:mod:`bloop_optax._linear_parts`): a regulariser's gradient costs no
+  backward pass through the network, a task head's loss none through the other
+  heads, and a trunk that every loss reads is transposed once, in a loop over
+  the losses.
+  """
   losses, tangent_fn, data = jax.linearize(restricted, *diff, has_aux=True)
-  tangent_fn = jax.jit(tangent_fn)
-  # Transposing each output's projection of the linearization, instead of
-  # pulling (1, 0) and (0, 1) back through the joint vjp, lets JAX treat the
-  # other losses' cotangents as symbolic zeros: each backward pass covers
-  # only its own loss's graph (a regulariser's gradient does not cost a
-  # second backward pass through the network).
+  leaves, treedef = jax.tree.flatten(diff)
+  try:
+    per_loss = _linear_parts.pullbacks(tangent_fn, leaves, treedef, losses)
+  except Exception:  # noqa: BLE001 (an unreadable linearization: transpose it whole)
+    per_loss = None
+  if per_loss is not None:
+    return losses, [jax.tree.unflatten(treedef, g) for g in per_loss], data
   grads = []
   for k, loss in enumerate(losses):
     transpose = jax.linear_transpose(lambda *t, k=k: tangent_fn(*t)[k], *diff)

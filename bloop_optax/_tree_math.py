@@ -8,10 +8,11 @@ Every inner product is ONE sum over all the leaves of a pytree, taken leaf by
 leaf (a local reduction per leaf, then a sum of scalars), accumulated in at
 least float32. Leaves are never concatenated, so a sharded tree reduces
 locally and only scalars (or, in the stacked form, the K x K matrix) cross
-devices. Up to ``MAX_PAIRWISE_REDUCTIONS`` per-leaf reductions the sums are
-one multiply-and-reduce per pair and leaf (memory speed, no temporary); past
-it, one product of the K stacked leaves per leaf (a compile time that does not
-grow with the pairs, a temporary as large as the K trees).
+devices. For a few trees (at most ``MAX_TREES_PAIRWISE``, and at most
+``MAX_PAIRWISE_REDUCTIONS`` per-leaf reductions) the sums are one
+multiply-and-reduce per pair and leaf (memory speed, no temporary); otherwise
+one product of the K stacked leaves per leaf (a compile time that grows with
+the leaves, not with the pairs; a temporary as large as the K trees).
 
 Float32 sums of squares overflow for norms above about 1.8e19. Rather than
 return a finite but wrong coefficient, when a fast sum is not finite ONE
@@ -115,19 +116,61 @@ def cosine(ma: jax.Array, mm: jax.Array, aa: jax.Array) -> jax.Array:
   return ratio(ma, jnp.sqrt(mm) * jnp.sqrt(aa)).astype(jnp.float32)
 
 
+# Many trees (K task gradients) of many small leaves (K task heads): a leaf of
+# at most this many elements is handled as one array of its K stacked copies
+# (one stack and one reduction instead of K elementwise operations: tracing and
+# the program grow as the leaves, not as K times the leaves).
+SMALL_LEAF = 1 << 14
+MIN_TREES_STACKED = 9
+
+
+def stack_small(xs: Sequence[jax.Array]) -> bool:
+  return len(xs) >= MIN_TREES_STACKED and xs[0].size <= SMALL_LEAF
+
+
+def distinct(xs: Sequence[Any]) -> tuple[list[Any], list[list[int]]]:
+  """The distinct objects of ``xs`` (by identity) and where each occurs.
+
+  :func:`bloop_optax.value_and_grads` gives every loss's gradient the same zero
+  array at the leaves it does not depend on (a task head of another task);
+  reading such a leaf once instead of once per loss keeps the program from
+  growing as K^2.
+  """
+  index: dict[int, int] = {}
+  unique, where = [], []
+  for n, x in enumerate(xs):
+    i = index.setdefault(id(x), len(unique))
+    if i == len(unique):
+      unique.append(x)
+      where.append([])
+    where[i].append(n)
+  return unique, where
+
+
 def linear_combination(coefs: Sequence[jax.Array], trees: Sequence[PyTree]) -> PyTree:
   """``sum_i coefs[i] * trees[i]`` leaf by leaf, in the dtype of ``trees[0]``.
 
   One elementwise expression per leaf, which XLA fuses into whatever consumes
-  it (e.g. an optimizer's moment updates), so it is never stored.
+  it (e.g. an optimizer's moment updates), so it is never stored. An array
+  that several trees share (the same object) is read once, with the sum of
+  its coefficients.
   """
 
-  def leaf(first, *rest):
-    dtype = wide(first.dtype, *(x.dtype for x in rest))
-    out = coefs[0].astype(dtype) * first.astype(dtype)
-    for c, x in zip(coefs[1:], rest, strict=True):
-      out = out + c.astype(dtype) * x.astype(dtype)
-    return out.astype(first.dtype)
+  def leaf(*xs):
+    dtype = wide(*(x.dtype for x in xs))
+    unique, where = distinct(xs)
+    weights = [
+      coefs[w[0]].astype(dtype) if len(w) == 1 else sum(coefs[n].astype(dtype) for n in w)
+      for w in where
+    ]
+    if stack_small(unique):
+      stacked = jnp.stack([x.astype(dtype) for x in unique])
+      shape = (-1,) + (1,) * xs[0].ndim
+      return jnp.sum(jnp.stack(weights).reshape(shape) * stacked, axis=0).astype(xs[0].dtype)
+    out = weights[0] * unique[0].astype(dtype)
+    for c, x in zip(weights[1:], unique[1:], strict=True):
+      out = out + c * x.astype(dtype)
+    return out.astype(xs[0].dtype)
 
   return jax.tree.map(leaf, *trees)
 
@@ -200,18 +243,15 @@ def _scale_factors(e: jax.Array, dtype: Any) -> tuple[jax.Array, jax.Array]:
   return jnp.ldexp(one, -half), jnp.ldexp(one, half - e)
 
 
-# Above this many per-leaf reductions (pairs times leaves) the inner products
-# are taken as one full-precision product of the K stacked leaves per leaf,
-# which compiles in a time that does not grow with the pairs; below it, one
-# multiply-and-reduce per pair and leaf, which runs at memory speed and keeps
-# no parameter-sized temporary.
+# The pairwise form (one multiply-and-reduce per pair and leaf: memory speed,
+# no parameter-sized temporary) compiles in a time that grows with the pairs
+# (K^2) times the leaves, and so does its overflow branch (a reduction per pair
+# and leaf with its own scale factors). It is taken for at most this many
+# trees and per-leaf reductions; otherwise each leaf's K stacked copies are
+# one full-precision product (a compile time that grows with the leaves only,
+# a temporary as large as the K trees).
+MAX_TREES_PAIRWISE = 8
 MAX_PAIRWISE_REDUCTIONS = 4096
-# The overflow branch rescales every leaf, which in the pairwise form is a
-# reduction per pair and leaf with its own scale factors: its compile time
-# grows with K^2. Up to this many trees it takes that form (no temporary);
-# beyond, the stacked form (a temporary as large as the K trees, allocated
-# with the program though the branch runs only when a float32 sum overflows).
-MAX_TREES_RESCALED_PAIRWISE = 8
 
 
 def _pairwise_rescaled(per_leaf, pairs, dtype, scales) -> jax.Array:
@@ -276,7 +316,7 @@ def safe_dots(
 
   The one place the package takes global inner products of gradients. The
   ordinary path is float32 (or wider) sums: one multiply-and-reduce per pair
-  and leaf, or past ``MAX_PAIRWISE_REDUCTIONS`` of them one product of the
+  and leaf for a few trees (see ``MAX_TREES_PAIRWISE``), else one product of the
   stacked leaves per leaf. Only when a sum is not finite does ONE ``lax.cond``
   branch find out why: it reads the largest magnitude of every leaf, so NaN
   and Inf inputs are told apart from sums that overflowed, scales each leaf by
@@ -301,7 +341,7 @@ def _inner(trees, pairs, skip_slow) -> Dots:
   k = len(trees)
   count = k * (k + 1) // 2 if pairs is None else len(pairs)
   per_leaf = list(zip(*(jax.tree.leaves(t) for t in trees), strict=True))
-  pairwise = count * len(per_leaf) <= MAX_PAIRWISE_REDUCTIONS
+  pairwise = k <= MAX_TREES_PAIRWISE and count * len(per_leaf) <= MAX_PAIRWISE_REDUCTIONS
   dtype = wide(*(x.dtype for xs in per_leaf for x in xs))
   if pairwise and pairs is None:  # the upper triangle's sums, mirrored afterwards
     upper = upper_pairs(k)
@@ -317,7 +357,7 @@ def _inner(trees, pairs, skip_slow) -> Dots:
     return Dots(fast, jnp.zeros([k], jnp.int32), jnp.ones([], bool))
 
   def slow_path():
-    return _rescaled(per_leaf, pairs, k, dtype, pairwise and k <= MAX_TREES_RESCALED_PAIRWISE)
+    return _rescaled(per_leaf, pairs, k, dtype, pairwise)
 
   overflow = ~jnp.all(jnp.isfinite(fast)) & ~jnp.asarray(skip_slow)
   return lax.cond(overflow, slow_path, fast_path)
@@ -329,10 +369,7 @@ def _rescaled(per_leaf, pairs, k, dtype, pairwise) -> Dots:
   leaves'. NaN values (and ``finite`` false) when an input is not finite.
   ``dtype`` is the widest of the leaves' dtypes and float32."""
   if per_leaf:  # [K, leaves]
-    maxima = jnp.stack(
-      [jnp.stack([jnp.max(jnp.abs(x), initial=0).astype(dtype) for x in xs]) for xs in per_leaf],
-      axis=1,
-    )
+    maxima = jnp.stack([_leaf_maxima(xs, dtype) for xs in per_leaf], axis=1)
   else:  # trees without leaves: one zero column
     maxima = jnp.zeros([k, 1], dtype)
   finite = jnp.all(jnp.isfinite(maxima))
@@ -346,6 +383,14 @@ def _rescaled(per_leaf, pairs, k, dtype, pairwise) -> Dots:
   return Dots(jnp.where(finite, values, jnp.nan), tree_exps, finite)
 
 
+def _leaf_maxima(xs, dtype) -> jax.Array:
+  """``[K]``: the largest magnitude of one leaf of each of the K trees."""
+  if stack_small(xs):
+    stacked = jnp.abs(jnp.stack([x.astype(dtype) for x in xs]))
+    return jnp.max(stacked.reshape(len(xs), -1), axis=1, initial=0)
+  return jnp.stack([jnp.max(jnp.abs(x), initial=0).astype(dtype) for x in xs])
+
+
 def scaled_ratio(num: jax.Array, den: jax.Array, exp: jax.Array) -> jax.Array:
   """``(num / den) * 2**exp`` with the zero-norm rule of :func:`ratio`."""
   r = ratio(num, den)
@@ -354,8 +399,17 @@ def scaled_ratio(num: jax.Array, den: jax.Array, exp: jax.Array) -> jax.Array:
 
 def all_finite(trees: Sequence[PyTree]) -> jax.Array:
   """Whether every element of every tree is finite: one max-magnitude reduction
-  per leaf (never misled by an overflowing sum)."""
-  checks = [jnp.isfinite(jnp.max(jnp.abs(x), initial=0)) for t in trees for x in jax.tree.leaves(t)]
+  per leaf (never misled by an overflowing sum), an array that several trees
+  share read once; with many trees, one per small leaf's stacked copies."""
+  per_leaf = list(zip(*(jax.tree.leaves(t) for t in trees), strict=True))
+  checks = []
+  for xs in per_leaf:
+    xs, _ = distinct(xs)
+    if stack_small(xs):
+      dtype = wide(*(x.dtype for x in xs))
+      checks.append(jnp.isfinite(jnp.max(jnp.abs(jnp.stack([x.astype(dtype) for x in xs])))))
+    else:
+      checks += [jnp.isfinite(jnp.max(jnp.abs(x), initial=0)) for x in xs]
   return jnp.all(jnp.stack(checks)) if checks else jnp.ones([], bool)
 
 

@@ -58,14 +58,14 @@ from bloop_optax.aggregators._sequential import gradvac
 from bloop_optax.aggregators._sequential import gradvac_weights
 from bloop_optax.aggregators._sequential import pcgrad
 from bloop_optax.aggregators._sequential import pcgrad_weights
+from bloop_optax.aggregators._shared import SharedParamsState
+from bloop_optax.aggregators._shared import on_shared
 from bloop_optax.aggregators._simple import constant
 from bloop_optax.aggregators._simple import constant_weights
 from bloop_optax.aggregators._simple import mean
 from bloop_optax.aggregators._simple import mean_weights
 from bloop_optax.aggregators._simple import random
 from bloop_optax.aggregators._simple import random_weights
-from bloop_optax.aggregators._shared import SharedParamsState
-from bloop_optax.aggregators._shared import on_shared
 from bloop_optax.aggregators._smoothing import SmoothedWeightsState
 from bloop_optax.aggregators._smoothing import cr_mogm
 from bloop_optax.aggregators._smoothing import moco

@@ -4,6 +4,7 @@ conflicts) and GradVac (reach a cosine target)."""
 from typing import Any
 
 import jax
+from jax import lax
 import jax.numpy as jnp
 import optax
 
@@ -35,14 +36,15 @@ def pcgrad_weights(gram: jax.Array, orders: jax.Array) -> jax.Array:
   k = g.shape[0]
 
   def one(i, order):
-    a = (jnp.arange(k) == i).astype(g.dtype)
-    for p in range(k):
+    def visit(p, a):
       j = order[p]
       inner = g[j] @ a
       conflict = (j != i) & (inner < 0)
       step = jnp.where(conflict, -tm.ratio(inner, g[j, j]), 0)
-      a = a + jnp.where(jnp.arange(k) == j, step, 0)  # one-hot, not a scatter
-    return a
+      return a + jnp.where(jnp.arange(k) == j, step, 0)  # one-hot, not a scatter
+
+    # A loop in the program (not unrolled): a compile time that does not grow with K.
+    return lax.fori_loop(0, k, visit, (jnp.arange(k) == i).astype(g.dtype))
 
   return jnp.sum(jax.vmap(one)(jnp.arange(k), orders), axis=0)
 
@@ -87,8 +89,8 @@ def gradvac_weights(
   norms = jnp.sqrt(jnp.maximum(jnp.diag(g), 0))
 
   def one(i, order, row):
-    a = (jnp.arange(k) == i).astype(g.dtype)
-    for p in range(k):
+    def visit(p, carry):
+      a, row = carry
       j = order[p]
       onehot = jnp.arange(k) == j
       other = j != i
@@ -103,8 +105,9 @@ def gradvac_weights(
       add = other & (phi < target) & (den > 0)
       step = jnp.where(add, coef / jnp.where(den > 0, den, 1), 0)
       a = a + jnp.where(onehot, step, 0)  # one-hot, not a scatter
-      row = jnp.where(onehot & other, decay * target + (1 - decay) * phi, row)
-    return a, row
+      return a, jnp.where(onehot & other, decay * target + (1 - decay) * phi, row)
+
+    return lax.fori_loop(0, k, visit, ((jnp.arange(k) == i).astype(g.dtype), row))
 
   rows, new_targets = jax.vmap(one)(jnp.arange(k), orders, targets.astype(g.dtype))
   return jnp.sum(rows, axis=0), new_targets

@@ -17,8 +17,8 @@ import jax.numpy as jnp
 import optax
 
 from bloop_optax import _pair
-from bloop_optax._partition import _is_placeholder
 from bloop_optax import _tree_math as tm
+from bloop_optax._partition import _is_placeholder
 
 PyTree = Any
 
@@ -99,8 +99,9 @@ def on_shared(
   Returns:
     An ``optax.GradientTransformationExtraArgs`` on the tuple of K gradients,
     returning one direction shaped like a gradient; its state is a
-    :class:`SharedParamsState`. Where any gradient holds a NaN or an Inf the
-    whole direction is NaN, as with every aggregator here.
+    :class:`SharedParamsState`. A NaN or an Inf in a shared gradient makes the
+    whole shared direction NaN (and ``inner`` skips the step, as it does
+    alone); one in a task-specific gradient shows in that parameter's sum.
 
   Examples:
     >>> import jax.numpy as jnp
@@ -144,24 +145,17 @@ def on_shared(
       **extra,
     )
     # Each task-specific leaf: the sum of its K gradients (its own task's where
-    # only one task reads it); a non-finite one makes the whole direction NaN.
+    # only one task reads it).
     per_leaf = list(zip(*(jax.tree.leaves(g) for g in grads), strict=True))
-    task = [xs for xs, f in zip(per_leaf, flags, strict=True) if not f]
-    finite = tm.all_finite([list(xs) for xs in task])
     shared_out = iter(jax.tree.leaves(direction))
-    task_out = iter(_sum(xs) for xs in task)
-    leaves = [
-      jnp.where(finite, next(shared_out) if f else next(task_out), jnp.nan) for f in flags
-    ]
+    leaves = [next(shared_out) if f else _sum(xs) for xs, f in zip(per_leaf, flags, strict=True)]
     return jax.tree.unflatten(jax.tree.structure(grads[0]), leaves), SharedParamsState(inner_state)
 
   return optax.GradientTransformationExtraArgs(init_fn, update_fn)
 
 
 def _sum(xs: tuple[jax.Array, ...]) -> jax.Array:
-  """The sum of one leaf's K gradients, accumulated in at least float32."""
-  dtype = tm.wide(*(x.dtype for x in xs))
-  total = xs[0].astype(dtype)
-  for x in xs[1:]:
-    total = total + x.astype(dtype)
-  return total.astype(xs[0].dtype)
+  """The sum of one leaf's K gradients, accumulated in at least float32 (an
+  array several gradients share, e.g. the zeros of another task's head, read
+  once)."""
+  return tm.linear_combination([jnp.ones([], jnp.float32)] * len(xs), list(xs))

@@ -1,0 +1,329 @@
+r"""The whole multi-task training step at K = 2 .. 64 tasks, ours and TorchJD's.
+
+The step a multi-task user writes: a shared MLP trunk 64 -> 512 -> 512 (ReLU)
+with K linear two-class heads, batch 256, one cross-entropy per head; the K
+gradients from one forward pass (``bloop_optax.value_and_grads``), an
+aggregator of the shared parameters' gradients (``aggregators.on_shared``:
+each head gets its own task's gradient), Adam, all in one jitted step with the
+parameters and the optimizer state donated. For every Gram-based aggregator
+and ``mean``, and the plain sum of the losses (one backward pass, Adam), it
+records the milliseconds per step (interleaved rounds, the minimum over rounds
+of each round's median), the ratio to our ``mean`` step, the seconds to trace
+and compile the step, and XLA's cost figures of the compiled step (bytes
+accessed and flops from ``cost_analysis()``, which counts both sides of the
+overflow branch, and the number of fusions).
+
+Where PyTorch and TorchJD are installed in a second environment, the same step
+written as TorchJD's documentation writes it (``mtl_backward(losses,
+features=...)``, ``jac_to_grad(trunk parameters, aggregator)``,
+``Adam.step``; 2 threads) is measured in the same run, K by K, right after
+ours. Set it up once:
+
+  python3 -m venv .venv-torchjd
+  .venv-torchjd/bin/pip install torch "torchjd[full]==0.18.0"
+  python -m benchmarks.multitask_step --torchjd-python .venv-torchjd/bin/python
+
+``--tasks 2,4,8`` and ``--rules upgrad,mgda`` choose a subset; ``--out``
+writes ``multitask_step.json`` and the plot of time against K.
+"""
+
+import argparse
+import json
+import pathlib
+import subprocess
+import sys
+import time
+
+import numpy as np
+
+BATCH, IN, WIDTH = 256, 64, 512
+TORCHJD_NAMES = {  # ours -> TorchJD's aggregator and its arguments ("n_tasks": K)
+  "sum": None,
+  "mean": ("Mean", {}),
+  "mgda": ("MGDA", {}),
+  "pcgrad": ("PCGrad", {}),
+  "cagrad": ("CAGrad", {"c": 0.5}),
+  "imtl_g": ("IMTLG", {}),
+  "aligned_mtl": ("AlignedMTL", {}),
+  "upgrad": ("UPGrad", {}),
+  "dualproj": ("DualProj", {}),
+  "config": ("ConFIG", {}),
+  "krum": ("Krum", {"n_byzantine": 0, "n_selected": 1}),
+  "nash_mtl": ("NashMTL", {"n_tasks": None}),
+  "fairgrad": ("FairGrad", {"alpha": 2.0}),
+  "gradvac": ("GradVac", {}),
+}
+
+
+def data(k, seed=0):
+  """Inputs and K binary labels from random linear teachers (numpy, shared by
+  both sides)."""
+  rng = np.random.default_rng(seed)
+  x = rng.standard_normal((BATCH, IN)).astype(np.float32)
+  teachers = rng.standard_normal((IN, k)).astype(np.float32)
+  y = (x @ teachers > 0).astype(np.int32)
+  return x, y
+
+
+# ------------------------------------------------------------------ ours
+
+
+def our_rules():
+  from bloop_optax.aggregators import _catalogue
+
+  return ["sum", "mean"] + [e.name for e in _catalogue.gram_based()]
+
+
+def our_step(name, k):
+  """``(jitted step, init() -> carry)`` of our whole step for ``name``."""
+  import jax
+  import jax.numpy as jnp
+  import optax
+
+  import bloop_optax
+  from bloop_optax import aggregators
+  from bloop_optax.aggregators import _catalogue
+
+  x_np, y_np = data(k)
+  x, y = jnp.asarray(x_np), jnp.asarray(y_np)
+  keys = jax.random.split(jax.random.key(0), 2 + k)
+
+  def dense(key, n_in, n_out):
+    w = jax.random.normal(key, (n_in, n_out)) * jnp.sqrt(2.0 / n_in)
+    return {"w": w, "b": jnp.zeros(n_out)}
+
+  params = {
+    "trunk": [dense(keys[0], IN, WIDTH), dense(keys[1], WIDTH, WIDTH)],
+    "heads": [dense(keys[2 + i], WIDTH, 2) for i in range(k)],
+  }
+
+  def losses(p, x, y):
+    h = x
+    for layer in p["trunk"]:
+      h = jax.nn.relu(h @ layer["w"] + layer["b"])
+    out = []
+    for i, head in enumerate(p["heads"]):
+      logits = h @ head["w"] + head["b"]
+      out.append(-jnp.mean(jnp.take_along_axis(jax.nn.log_softmax(logits), y[:, i : i + 1], 1)))
+    return tuple(out)
+
+  adam = optax.adam(1e-3)
+  if name == "sum":
+    tx = adam
+
+    def step(p, s, x, y):
+      grads = jax.grad(lambda p: sum(losses(p, x, y)))(p)
+      updates, s = tx.update(grads, s, p)
+      return optax.apply_updates(p, updates), s
+
+  else:
+    options = {"key": 0} if name in ("pcgrad", "gradvac") else {}
+    inner = aggregators.mean(k) if name == "mean" else _catalogue.BY_NAME[name].make(k, **options)
+    tx = optax.chain(aggregators.on_shared(inner, {"trunk": True, "heads": False}), adam)
+
+    def step(p, s, x, y):
+      _, grads = bloop_optax.value_and_grads(losses)(p, x, y)
+      updates, s = tx.update(grads, s, p)
+      return optax.apply_updates(p, updates), s
+
+  def init():
+    return jax.tree.map(jnp.copy, params), tx.init(params), x, y
+
+  return step, init
+
+
+def measure_ours(names, k, rounds):
+  import jax
+
+  from benchmarks.speed._common import hlo_stats
+
+  rows, compiled = {}, {}
+  for name in names:
+    if name == "krum" and k < 3:
+      continue
+    step, init = our_step(name, k)
+    start = time.perf_counter()
+    lowered = jax.jit(step, donate_argnums=(0, 1)).lower(*init())
+    executable = lowered.compile()
+    seconds = time.perf_counter() - start
+    analysis = executable.cost_analysis()
+    analysis = analysis[0] if isinstance(analysis, list) else analysis
+    count = sum(x.size for x in jax.tree.leaves(init()[0]))
+    stats = hlo_stats(lowered, count)
+    rows[name] = {
+      "compile_s": seconds,
+      "bytes_accessed": float(analysis.get("bytes accessed", 0.0)),
+      "flops": float(analysis.get("flops", 0.0)),
+      "fusions": stats["fusions"],
+    }
+    compiled[name] = (executable, init)
+  samples = {name: [] for name in compiled}
+  carries = {name: init() for name, (_, init) in compiled.items()}
+  for name, (executable, _) in compiled.items():  # warm up
+    p, s, x, y = carries[name]
+    carries[name] = (*executable(p, s, x, y), x, y)
+  for _ in range(rounds):
+    for name, (executable, _) in compiled.items():
+      times = []
+      for _ in range(5):
+        p, s, x, y = carries[name]
+        start = time.perf_counter()
+        p, s = executable(p, s, x, y)
+        jax.block_until_ready(p)
+        times.append(time.perf_counter() - start)
+        carries[name] = (p, s, x, y)
+      samples[name].append(float(np.median(times)))
+  for name in compiled:
+    rows[name]["ms"] = 1e3 * min(samples[name])
+  return rows
+
+
+# --------------------------------------------------------------- TorchJD
+
+
+def measure_torchjd(names, k, rounds):
+  """Run inside the TorchJD environment: ms per step for each name."""
+  import torch
+  from torchjd import aggregation as tj
+  from torchjd.autojac import jac_to_grad
+  from torchjd.autojac import mtl_backward
+
+  torch.set_num_threads(2)
+  torch.manual_seed(0)
+  x_np, y_np = data(k)
+  x, y = torch.from_numpy(x_np), torch.from_numpy(y_np.astype(np.int64))
+  out = {}
+  for name in names:
+    if name not in TORCHJD_NAMES or (name == "krum" and k < 3):
+      continue
+    trunk = torch.nn.Sequential(
+      torch.nn.Linear(IN, WIDTH), torch.nn.ReLU(), torch.nn.Linear(WIDTH, WIDTH), torch.nn.ReLU()
+    )
+    heads = torch.nn.ModuleList([torch.nn.Linear(WIDTH, 2) for _ in range(k)])
+    optimizer = torch.optim.Adam([*trunk.parameters(), *heads.parameters()], lr=1e-3)
+    aggregator = None
+    if TORCHJD_NAMES[name] is not None:
+      cls, kwargs = TORCHJD_NAMES[name]
+      kwargs = {key: k if value is None else value for key, value in kwargs.items()}
+      aggregator = getattr(tj, cls)(**kwargs)
+
+    def step(trunk=trunk, heads=heads, optimizer=optimizer, aggregator=aggregator):
+      features = trunk(x)
+      losses = [
+        torch.nn.functional.cross_entropy(head(features), y[:, i]) for i, head in enumerate(heads)
+      ]
+      optimizer.zero_grad()
+      if aggregator is None:
+        sum(losses).backward()
+      else:
+        mtl_backward(losses, features=features)
+        jac_to_grad(list(trunk.parameters()), aggregator)
+      optimizer.step()
+
+    for _ in range(3):
+      step()
+    medians = []
+    for _ in range(rounds):
+      times = []
+      for _ in range(5):
+        start = time.perf_counter()
+        step()
+        times.append(time.perf_counter() - start)
+      medians.append(float(np.median(times)))
+    out[name] = 1e3 * min(medians)
+  return out
+
+
+# ------------------------------------------------------------------ main
+
+
+def plot(results, path):
+  import matplotlib
+
+  matplotlib.use("Agg")
+  import matplotlib.pyplot as plt
+
+  ks = sorted(int(k) for k in results["ours"])
+  fig, axes = plt.subplots(1, 2, figsize=(11, 4.2))
+  shown = ["sum", "mean", "upgrad", "mgda", "nash_mtl"]
+  for i, name in enumerate(shown):
+    color = f"C{i}"
+    ours = [results["ours"][str(k)].get(name, {}).get("ms") for k in ks]
+    axes[0].plot(ks, ours, "o-", color=color, label=f"ours: {name}")
+    theirs = [results.get("torchjd", {}).get(str(k), {}).get(name) for k in ks]
+    if any(t is not None for t in theirs):
+      axes[0].plot(ks, theirs, "s--", color=color, alpha=0.7, label=f"TorchJD: {name}")
+  axes[0].set(xscale="log", yscale="log", xlabel="tasks K", ylabel="ms per step")
+  axes[0].set_xticks(ks, [str(k) for k in ks])
+  axes[0].legend(fontsize=7, ncol=2)
+  axes[0].set_title("Whole step (trunk + K heads, batch 256, Adam)")
+  names = [n for n in results["ours"][str(ks[0])] if n != "sum"]
+  for name in names:
+    compile_s = [results["ours"][str(k)].get(name, {}).get("compile_s") for k in ks]
+    axes[1].plot(ks, compile_s, ".-", alpha=0.8, label=name)
+  axes[1].set(xscale="log", xlabel="tasks K", ylabel="seconds", title="Trace and compile")
+  axes[1].set_xticks(ks, [str(k) for k in ks])
+  axes[1].legend(fontsize=6, ncol=2)
+  fig.tight_layout()
+  fig.savefig(path, dpi=120)
+
+
+def table(results):
+  lines = []
+  for k, rows in results["ours"].items():
+    theirs = results.get("torchjd", {}).get(k, {})
+    mean = rows.get("mean", {}).get("ms")
+    lines.append(f"K = {k}")
+    lines.append(
+      f"{'rule':>12} {'ms':>8} {'x mean':>7} {'TorchJD ms':>11} {'ours/TJD':>9}"
+      f" {'compile s':>10} {'MB':>8} {'GFLOP':>7} {'fusions':>8}"
+    )
+    for name, row in rows.items():
+      tj_ms = theirs.get(name)
+      ratio = f"{row['ms'] / tj_ms:9.2f}" if tj_ms else f"{'-':>9}"
+      tj = f"{tj_ms:11.1f}" if tj_ms else f"{'-':>11}"
+      lines.append(
+        f"{name:>12} {row['ms']:8.1f} {row['ms'] / mean:7.2f} {tj} {ratio}"
+        f" {row['compile_s']:10.1f} {row['bytes_accessed'] / 1e6:8.0f}"
+        f" {row['flops'] / 1e9:7.2f} {row['fusions']:8d}"
+      )
+  return "\n".join(lines)
+
+
+def main():
+  parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+  parser.add_argument("--tasks", default="2,4,8,16,40,64")
+  parser.add_argument("--rules", default=None, help="comma-separated; default: all")
+  parser.add_argument("--rounds", type=int, default=5)
+  parser.add_argument("--torchjd-python", default=None, help="python of a TorchJD environment")
+  parser.add_argument("--out", default="results")
+  parser.add_argument("--torchjd-worker", action="store_true", help=argparse.SUPPRESS)
+  args = parser.parse_args()
+  ks = [int(k) for k in args.tasks.split(",")]
+  names = args.rules.split(",") if args.rules else None
+  if args.torchjd_worker:
+    print(json.dumps({k: measure_torchjd(names, k, args.rounds) for k in ks}))
+    return
+  from benchmarks.speed._common import machine
+
+  names = names or our_rules()
+  results = {"machine": machine(), "ours": {}, "torchjd": {}, "rules": names}
+  out = pathlib.Path(args.out)
+  out.mkdir(parents=True, exist_ok=True)
+  for k in ks:
+    results["ours"][str(k)] = measure_ours(names, k, args.rounds)
+    if args.torchjd_python:
+      command = [
+        args.torchjd_python, "-m", "benchmarks.multitask_step", "--torchjd-worker",
+        "--tasks", str(k), "--rules", ",".join(names), "--rounds", str(args.rounds),
+      ]  # fmt: skip
+      done = subprocess.run(command, capture_output=True, text=True, check=True)
+      results["torchjd"][str(k)] = json.loads(done.stdout.strip().splitlines()[-1])[str(k)]
+    print(table({"ours": {str(k): results["ours"][str(k)]}, "torchjd": results["torchjd"]}))
+    (out / "multitask_step.json").write_text(json.dumps(results, indent=1))
+  plot(results, out / "multitask_step.png")
+  print(f"wrote {out / 'multitask_step.json'} and {out / 'multitask_step.png'}", file=sys.stderr)
+
+
+if __name__ == "__main__":
+  main()
