@@ -255,3 +255,117 @@ def test_bad_masks_raise_with_the_path(shared, error, match):
 def test_a_non_transform_raises():
   with pytest.raises(TypeError, match="expected inner to be an aggregator"):
     agg.on_shared(agg.upgrad_weights, MASK)
+
+
+# ------------------------------------------------------------- frameworks
+
+
+def _shared_by_path(name):
+  """A mask function marking the subtree whose first path key is ``name``."""
+
+  def first_key(path):
+    key = path[0]
+    return getattr(key, "key", getattr(key, "name", None))
+
+  return lambda g: jax.tree_util.tree_map_with_path(lambda path, _: first_key(path) == name, g)
+
+
+@pytest.mark.optax_optimizer
+def test_nnx_trunk_filter_with_the_sum_is_nnx_own_step():
+  """Flax NNX: on_shared(constant(K, ones)) with the docs' path mask is the gradient
+  of the summed losses, so the step equals nnx.value_and_grad's, state included."""
+  nnx = pytest.importorskip("flax.nnx")
+  k = 3
+
+  class Net(nnx.Module):
+    def __init__(self, rngs):
+      self.trunk = nnx.Linear(4, 8, rngs=rngs)
+      heads = [nnx.Linear(8, 1, rngs=rngs) for _ in range(k)]
+      self.heads = nnx.List(heads) if hasattr(nnx, "List") else heads  # flax >= 0.12: nnx.List
+
+    def __call__(self, x):
+      h = jnp.tanh(self.trunk(x))
+      return [head(h)[:, 0] for head in self.heads]
+
+  rng = np.random.default_rng(0)
+  x = jnp.asarray(rng.standard_normal((16, 4)), jnp.float32)
+  y = jnp.asarray(rng.standard_normal((16, k)), jnp.float32)
+
+  def losses(model):
+    return tuple(jnp.mean((out - y[:, i]) ** 2) for i, out in enumerate(model(x)))
+
+  ones = agg.constant(k, (1.0,) * k)
+  ours, theirs = Net(nnx.Rngs(0)), Net(nnx.Rngs(0))
+  tx = optax.chain(agg.on_shared(ones, _shared_by_path("trunk")), optax.sgd(0.05))
+  optimizer = nnx.Optimizer(ours, tx, wrt=nnx.Param)
+  own = nnx.Optimizer(theirs, optax.sgd(0.05), wrt=nnx.Param)
+
+  @nnx.jit
+  def step(model, optimizer):
+    _, grads = bloop_optax.value_and_grads(losses)(model)
+    optimizer.update(model, grads)
+
+  @nnx.jit
+  def own_step(model, optimizer):
+    _, grads = nnx.value_and_grad(lambda m: sum(losses(m)))(model)
+    optimizer.update(model, grads)
+
+  for _ in range(3):
+    step(ours, optimizer)
+    own_step(theirs, own)
+  states = (nnx.state(ours), nnx.state(theirs))
+  for a, b in zip(*map(jax.tree.leaves, states), strict=True):
+    np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-6)
+  weights = optax.tree.get(nnx.state(optimizer), "objective_weights")
+  np.testing.assert_array_equal(np.asarray(weights), np.ones(k))
+
+
+@pytest.mark.optax_optimizer
+def test_equinox_trunk_field_with_the_sum_is_equinox_own_step():
+  eqx = pytest.importorskip("equinox")
+  k = 3
+
+  class Net(eqx.Module):
+    trunk: eqx.nn.Linear
+    heads: list
+
+    def __init__(self, key):
+      keys = jax.random.split(key, k + 1)
+      self.trunk = eqx.nn.Linear(4, 8, key=keys[0])
+      self.heads = [eqx.nn.Linear(8, 1, key=kk) for kk in keys[1:]]
+
+  rng = np.random.default_rng(1)
+  x = jnp.asarray(rng.standard_normal((16, 4)), jnp.float32)
+  y = jnp.asarray(rng.standard_normal((16, k)), jnp.float32)
+
+  def losses(model):
+    h = jax.vmap(lambda v: jnp.tanh(model.trunk(v)))(x)
+    return tuple(
+      jnp.mean((jax.vmap(head)(h)[:, 0] - y[:, i]) ** 2) for i, head in enumerate(model.heads)
+    )
+
+  model = Net(jax.random.key(0))
+  params = eqx.filter(model, eqx.is_inexact_array)
+  tx = optax.chain(
+    agg.on_shared(agg.constant(k, (1.0,) * k), _shared_by_path("trunk")), optax.sgd(0.05)
+  )
+  sgd = optax.sgd(0.05)
+  state, own_state, twin = tx.init(params), sgd.init(params), model
+
+  @eqx.filter_jit
+  def step(model, state):
+    _, grads = bloop_optax.value_and_grads(losses)(model)
+    updates, state = tx.update(grads, state, eqx.filter(model, eqx.is_inexact_array))
+    return eqx.apply_updates(model, updates), state
+
+  @eqx.filter_jit
+  def own_step(model, state):
+    grads = eqx.filter_grad(lambda m: sum(losses(m)))(model)
+    updates, state = sgd.update(grads, state)
+    return eqx.apply_updates(model, updates), state
+
+  for _ in range(3):
+    model, state = step(model, state)
+    twin, own_state = own_step(twin, own_state)
+  for a, b in zip(jax.tree.leaves(model), jax.tree.leaves(twin), strict=True):
+    np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-6)

@@ -5,11 +5,13 @@ K gradients (what :func:`bloop_optax.value_and_grads` returns for K losses)
 and returns one direction :math:`d = \sum_i w_i g_i` shaped like a gradient, so any
 optax transform can follow it in ``optax.chain``. The weights come from the
 K x K Gram matrix of global inner products: per-leaf reductions summed, only
-scalars cross devices, the K x P Jacobian is never formed. For many objectives
-(past 4,096 per-leaf reductions, e.g. K = 64 with 8 leaves) the Gram matrix is
-one full-precision product of the K stacked leaves per leaf instead: it
-compiles in seconds, stores the stacked leaves (a temporary as large as the K
+scalars cross devices, the K x P Jacobian is never formed. For more than four
+objectives (or past 4,096 per-leaf reductions) the Gram matrix is one
+full-precision product of the K stacked copies of each leaf: it compiles in
+seconds at K = 64, stores the stacked leaves (a temporary as large as the K
 gradients) and all-reduces the K x K matrix across devices.
+:func:`on_shared` restricts an aggregator to the shared parameters of a
+multi-task model (a trunk), every task head getting its own task's gradient.
 
 Every aggregator but :func:`mean`, :func:`random` and :func:`constant` takes
 ``ema_decay``: ``None`` (the method as published) or the weight on the old
