@@ -145,6 +145,52 @@ def run(name, rule, seed, steps):
   }
 
 
+def direction_gap(rule, seed=0):
+  """On the first batch at initialisation: the relative difference of the trunk's
+  direction with every parameter aggregated and with the shared ones, and the
+  spread of the weights each decides."""
+  import jax
+  import jax.numpy as jnp
+
+  import bloop_optax
+  from bloop_optax import aggregators
+
+  x_train, y_train, _, _ = dataset()
+  keys = jax.random.split(jax.random.key(seed), 2 + TASKS)
+  dense = lambda key, n_in, n_out: {  # noqa: E731
+    "w": jax.random.normal(key, (n_in, n_out)) * jnp.sqrt(2.0 / n_in),
+    "b": jnp.zeros(n_out),
+  }
+  params = {
+    "trunk": [dense(keys[0], 64, WIDTH), dense(keys[1], WIDTH, WIDTH)],
+    "heads": [dense(keys[2 + i], WIDTH, 2) for i in range(TASKS)],
+  }
+  x, y = x_train[:BATCH], y_train[:BATCH]
+
+  def losses(p):
+    h = x
+    for layer in p["trunk"]:
+      h = jax.nn.relu(h @ layer["w"] + layer["b"])
+    return tuple(
+      -jnp.mean(jnp.take_along_axis(jax.nn.log_softmax(h @ hd["w"] + hd["b"]), y[:, i : i + 1], 1))
+      for i, hd in enumerate(p["heads"])
+    )
+
+  _, grads = bloop_optax.value_and_grads(losses)(params)
+  full = getattr(aggregators, rule)(TASKS)
+  shared = aggregators.on_shared(getattr(aggregators, rule)(TASKS), {"trunk": True, "heads": False})
+  d_full, s_full = full.update(grads, full.init(params))
+  d_shared, s_shared = shared.update(grads, shared.init(params))
+  flat = lambda t: jnp.concatenate([v.ravel() for v in jax.tree.leaves(t)])  # noqa: E731
+  gap = jnp.linalg.norm(flat(d_full["trunk"]) - flat(d_shared["trunk"]))
+  w_full, w_shared = s_full.objective_weights, s_shared.inner.objective_weights
+  return {
+    "trunk_relative_gap": float(gap / jnp.linalg.norm(flat(d_shared["trunk"]))),
+    "weights_full_min_max": [float(w_full.min()), float(w_full.max())],
+    "weights_shared_min_max": [float(w_shared.min()), float(w_shared.max())],
+  }
+
+
 def summary(results):
   lines = [
     f"{'method':>16} {'train CE':>10} {'test acc (mean)':>16} {'test acc (worst)':>17} {'s/run':>7}"
@@ -185,9 +231,17 @@ def main():
   if bar:
     bar.close()
   print(summary(results))
+  gaps = {rule: direction_gap(rule) for rule in args.rules.split(",")}
+  for rule, gap in gaps.items():
+    print(
+      f"{rule}, first batch: the trunk's direction with every parameter aggregated differs from"
+      f" the shared-parameter one by {100 * gap['trunk_relative_gap']:.1f}% (relative norm);"
+      f" weights {gap['weights_full_min_max']} against {gap['weights_shared_min_max']}"
+    )
   out = pathlib.Path(args.out)
   out.mkdir(parents=True, exist_ok=True)
-  (out / "many_tasks.json").write_text(json.dumps({"steps": args.steps, "runs": results}, indent=1))
+  record = {"steps": args.steps, "runs": results, "first_batch": gaps}
+  (out / "many_tasks.json").write_text(json.dumps(record, indent=1))
   import matplotlib
 
   matplotlib.use("Agg")
