@@ -384,11 +384,13 @@ def _rescaled(per_leaf, pairs, k, dtype, pairwise) -> Dots:
 
 
 def _leaf_maxima(xs, dtype) -> jax.Array:
-  """``[K]``: the largest magnitude of one leaf of each of the K trees."""
-  if stack_small(xs):
-    stacked = jnp.abs(jnp.stack([x.astype(dtype) for x in xs]))
-    return jnp.max(stacked.reshape(len(xs), -1), axis=1, initial=0)
-  return jnp.stack([jnp.max(jnp.abs(x), initial=0).astype(dtype) for x in xs])
+  """``[K]``: the largest magnitude of one leaf of each of the K trees (an array
+  several trees share reduced once; each a scalar, so that across devices only
+  scalars are all-reduced)."""
+  unique, where = distinct(xs)
+  maxima = [jnp.max(jnp.abs(x), initial=0).astype(dtype) for x in unique]
+  owner = {n: i for i, ns in enumerate(where) for n in ns}
+  return jnp.stack([maxima[owner[n]] for n in range(len(xs))])
 
 
 def scaled_ratio(num: jax.Array, den: jax.Array, exp: jax.Array) -> jax.Array:

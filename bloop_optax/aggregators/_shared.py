@@ -24,7 +24,7 @@ PyTree = Any
 
 
 class SharedParamsState(NamedTuple):
-  """State of :func:`on_shared`.
+  """State of :func:`bloop_optax.aggregators.on_shared`.
 
   Attributes:
     inner: the state of the wrapped aggregator, which sees only the shared
