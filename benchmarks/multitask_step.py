@@ -254,14 +254,17 @@ def plot(results, path):
     if any(t is not None for t in theirs):
       axes[0].plot(ks, theirs, "s--", color=color, alpha=0.7, label=f"TorchJD: {name}")
   axes[0].set(xscale="log", yscale="log", xlabel="tasks K", ylabel="ms per step")
+  axes[0].minorticks_off()
   axes[0].set_xticks(ks, [str(k) for k in ks])
   axes[0].legend(fontsize=7, ncol=2)
   axes[0].set_title("Whole step (trunk + K heads, batch 256, Adam)")
   names = [n for n in results["ours"][str(ks[0])] if n != "sum"]
-  for name in names:
+  styles = ["-", "--", ":"]
+  for i, name in enumerate(names):
     compile_s = [results["ours"][str(k)].get(name, {}).get("compile_s") for k in ks]
-    axes[1].plot(ks, compile_s, ".-", alpha=0.8, label=name)
+    axes[1].plot(ks, compile_s, marker=".", linestyle=styles[i // 10], alpha=0.8, label=name)
   axes[1].set(xscale="log", xlabel="tasks K", ylabel="seconds", title="Trace and compile")
+  axes[1].minorticks_off()
   axes[1].set_xticks(ks, [str(k) for k in ks])
   axes[1].legend(fontsize=6, ncol=2)
   fig.tight_layout()

@@ -69,7 +69,9 @@ def mean(num_objectives: int) -> optax.GradientTransformationExtraArgs:
   def update_fn(updates, state, params=None, **extra):
     del params, extra
     grads = _pair.split_objectives_checked(updates, k, api)
-    weights = [jnp.asarray(1 / k, jnp.float32)] * k
+    # 1 / K in the gradients' widest dtype (a float32 1/3 is off by 1e-8 for float64 gradients)
+    dtype = tm.wide(*(x.dtype for g in grads for x in jax.tree.leaves(g)))
+    weights = [jnp.asarray(1 / k, dtype)] * k
     return tm.linear_combination(weights, grads), state
 
   return optax.GradientTransformationExtraArgs(init_fn, update_fn)
