@@ -211,7 +211,7 @@ def main():
   parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
   parser.add_argument("--rules", default="upgrad,mgda")
   parser.add_argument("--seeds", type=int, default=3)
-  parser.add_argument("--steps", type=int, default=1500)
+  parser.add_argument("--steps", type=int, default=1000)
   parser.add_argument("--out", default="results")
   args = parser.parse_args()
   names = [("sum", None)]
