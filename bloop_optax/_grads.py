@@ -71,20 +71,20 @@ def _losses(out: Any, has_aux: bool) -> tuple[jax.Array, ...]:
 def _one_forward(restricted: Callable[..., Any], diff: tuple[Any, ...]):
   """Runs ``restricted(*diff) -> (losses, data)`` once; a gradient per loss.
 
-  Each loss is pulled back alone through its own part of the linearization
-  (:mod:`bloop_optax._linear_parts`): a regulariser's gradient costs no
-  backward pass through the network, a task head's loss none through the other
-  heads, and a trunk that every loss reads is transposed once, in a loop over
-  the losses.
+  Each loss is pulled back alone through the equations of the linearization it
+  depends on (:mod:`bloop_optax._linear_parts`): a regulariser's gradient costs
+  no backward pass through the network, a task head's loss none through the
+  other heads. Where the linearization's jaxpr cannot be read that way, each
+  loss is transposed through the whole linearization (the other losses'
+  cotangents symbolic zeros).
   """
   losses, tangent_fn, data = jax.linearize(restricted, *diff, has_aux=True)
   leaves, treedef = jax.tree.flatten(diff)
   try:
     per_loss = _linear_parts.pullbacks(tangent_fn, leaves, treedef, losses)
-  except Exception:  # noqa: BLE001 (an unreadable linearization: transpose it whole)
-    per_loss = None
-  if per_loss is not None:
     return losses, [jax.tree.unflatten(treedef, g) for g in per_loss], data
+  except Exception:  # noqa: BLE001 (an unreadable linearization: transpose it whole)
+    pass
   grads = []
   for k, loss in enumerate(losses):
     transpose = jax.linear_transpose(lambda *t, k=k: tangent_fn(*t)[k], *diff)
