@@ -14,7 +14,11 @@ the number of steps, for each seed:
   heads' gradients enter the Gram matrix; each head's update is scaled by its
   task's weight);
 * ``<rule> shared``: ``aggregators.on_shared(<rule>)`` on the trunk, each head
-  its own task's gradient (TorchJD's ``mtl_backward`` semantics).
+  its own task's gradient (TorchJD's ``mtl_backward`` semantics);
+* ``<rule> features``: MGDA-UB's features Jacobian: the weights are decided from
+  the forty gradients with respect to the trunk's output, whose direction is
+  pulled back through the trunk in one backward pass; each head its own task's
+  gradient.
 
 It reports, over seeds, the mean training cross-entropy over tasks, the mean
 and the worst held-out accuracy over tasks, and writes
@@ -66,6 +70,8 @@ def method(name, rule):
   inner = getattr(aggregators, rule)(TASKS)
   if name.endswith("shared"):
     return aggregators.on_shared(inner, {"trunk": True, "heads": False})
+  if name.endswith("features"):
+    return aggregators.on_shared(inner, {"features": True, "heads": False})
   return inner
 
 
@@ -90,25 +96,51 @@ def run(name, rule, seed, steps):
     "heads": [dense(keys[2 + i], WIDTH, 2) for i in range(TASKS)],
   }
 
-  def logits(p, x):
+  def trunk(layers, x):
     h = x
-    for layer in p["trunk"]:
+    for layer in layers:
       h = jax.nn.relu(h @ layer["w"] + layer["b"])
+    return h
+
+  def logits(p, x):
+    h = trunk(p["trunk"], x)
     return [h @ head["w"] + head["b"] for head in p["heads"]]
 
-  def losses(p, x, y):
+  def cross_entropies(outputs, y):
     return tuple(
       -jnp.mean(jnp.take_along_axis(jax.nn.log_softmax(z), y[:, i : i + 1], 1))
-      for i, z in enumerate(logits(p, x))
+      for i, z in enumerate(outputs)
     )
+
+  def losses(p, x, y):
+    return cross_entropies(logits(p, x), y)
 
   aggregator = method(name, rule)
   adam = optax.adam(1e-3)
-  tx = adam if aggregator is None else optax.chain(aggregator, adam)
-  state = tx.init(params)
+  features_mode = name.endswith("features")
+  if features_mode:  # the aggregator, then the pullback, then Adam
+    tx = adam
+    features = jnp.zeros((BATCH, WIDTH))
+    state = aggregator.init({"features": features, "heads": params["heads"]}), adam.init(params)
+  else:
+    tx = adam if aggregator is None else optax.chain(aggregator, adam)
+    state = tx.init(params)
+
+  def head_losses(f, y):
+    return cross_entropies([f["features"] @ hd["w"] + hd["b"] for hd in f["heads"]], y)
 
   @jax.jit
   def step(p, s, x, y):
+    if features_mode:
+      agg_state, adam_state = s
+      h, pullback = jax.vjp(lambda t: trunk(t, x), p["trunk"])
+      f = {"features": h, "heads": p["heads"]}
+      values, grads = bloop_optax.value_and_grads(head_losses)(f, y)
+      direction, agg_state = aggregator.update(grads, agg_state)
+      (trunk_direction,) = pullback(direction["features"])
+      updates = {"trunk": trunk_direction, "heads": direction["heads"]}
+      updates, adam_state = adam.update(updates, adam_state, p)
+      return optax.apply_updates(p, updates), (agg_state, adam_state), sum(values) / TASKS
     if aggregator is None:
       values, grads = jax.value_and_grad(lambda p: sum(losses(p, x, y)))(p)
     else:
@@ -167,14 +199,21 @@ def direction_gap(rule, seed=0):
   }
   x, y = x_train[:BATCH], y_train[:BATCH]
 
-  def losses(p):
+  def trunk(layers):
     h = x
-    for layer in p["trunk"]:
+    for layer in layers:
       h = jax.nn.relu(h @ layer["w"] + layer["b"])
+    return h
+
+  def head_losses(f):
+    logits = [f["features"] @ hd["w"] + hd["b"] for hd in f["heads"]]
     return tuple(
-      -jnp.mean(jnp.take_along_axis(jax.nn.log_softmax(h @ hd["w"] + hd["b"]), y[:, i : i + 1], 1))
-      for i, hd in enumerate(p["heads"])
+      -jnp.mean(jnp.take_along_axis(jax.nn.log_softmax(z), y[:, i : i + 1], 1))
+      for i, z in enumerate(logits)
     )
+
+  def losses(p):
+    return head_losses({"features": trunk(p["trunk"]), "heads": p["heads"]})
 
   _, grads = bloop_optax.value_and_grads(losses)(params)
   full = getattr(aggregators, rule)(TASKS)
@@ -184,8 +223,21 @@ def direction_gap(rule, seed=0):
   flat = lambda t: jnp.concatenate([v.ravel() for v in jax.tree.leaves(t)])  # noqa: E731
   gap = jnp.linalg.norm(flat(d_full["trunk"]) - flat(d_shared["trunk"]))
   w_full, w_shared = s_full.objective_weights, s_shared.inner.objective_weights
+  # MGDA-UB: the weights from the gradients with respect to the trunk's output
+  h, pullback = jax.vjp(trunk, params["trunk"])
+  f = {"features": h, "heads": params["heads"]}
+  _, f_grads = bloop_optax.value_and_grads(head_losses)(f)
+  by_features = aggregators.on_shared(
+    getattr(aggregators, rule)(TASKS), {"features": True, "heads": False}
+  )
+  d_features, s_features = by_features.update(f_grads, by_features.init(f))
+  (trunk_features,) = pullback(d_features["features"])
+  features_gap = jnp.linalg.norm(flat(trunk_features) - flat(d_shared["trunk"]))
+  w_features = s_features.inner.objective_weights
   return {
     "trunk_relative_gap": float(gap / jnp.linalg.norm(flat(d_shared["trunk"]))),
+    "features_relative_gap": float(features_gap / jnp.linalg.norm(flat(d_shared["trunk"]))),
+    "weights_features_min_max": [float(w_features.min()), float(w_features.max())],
     "weights_full_min_max": [float(w_full.min()), float(w_full.max())],
     "weights_shared_min_max": [float(w_shared.min()), float(w_shared.max())],
   }
@@ -216,7 +268,7 @@ def main():
   args = parser.parse_args()
   names = [("sum", None)]
   for rule in args.rules.split(","):
-    names += [(f"{rule} full", rule), (f"{rule} shared", rule)]
+    names += [(f"{rule} full", rule), (f"{rule} shared", rule), (f"{rule} features", rule)]
   results = {}
   try:
     from tqdm import tqdm
@@ -236,7 +288,9 @@ def main():
     print(
       f"{rule}, first batch: the trunk's direction with every parameter aggregated differs from"
       f" the shared-parameter one by {100 * gap['trunk_relative_gap']:.1f}% (relative norm);"
-      f" weights {gap['weights_full_min_max']} against {gap['weights_shared_min_max']}"
+      f" weights {gap['weights_full_min_max']} against {gap['weights_shared_min_max']}; with"
+      f" the features' gradients by {100 * gap['features_relative_gap']:.1f}%"
+      f" (weights {gap['weights_features_min_max']})"
     )
   out = pathlib.Path(args.out)
   out.mkdir(parents=True, exist_ok=True)

@@ -13,6 +13,12 @@ and compile the step, and XLA's cost figures of the compiled step (bytes
 accessed and flops from ``cost_analysis()``, which counts both sides of the
 overflow branch, and the number of fusions).
 
+``<rule>:features`` (by default for ``mean``, ``mgda`` and ``upgrad``) is the same
+step with MGDA-UB's features Jacobian: the weights are decided from the K
+gradients of the losses with respect to the trunk's output, and the direction
+there is pulled back through the trunk in one backward pass (``jax.vjp``), each
+head getting its own task's gradient.
+
 Where PyTorch and TorchJD are installed in a second environment, the same step
 written as TorchJD's documentation writes it (``mtl_backward(losses,
 features=...)``, ``jac_to_grad(trunk parameters, aggregator)``,
@@ -71,7 +77,8 @@ def data(k, seed=0):
 def our_rules():
   from bloop_optax.aggregators import _catalogue
 
-  return ["sum", "mean"] + [e.name for e in _catalogue.gram_based()]
+  gram = [e.name for e in _catalogue.gram_based()]
+  return ["sum", "mean", *gram, "mean:features", "mgda:features", "upgrad:features"]
 
 
 def our_step(name, k):
@@ -97,17 +104,49 @@ def our_step(name, k):
     "heads": [dense(keys[2 + i], WIDTH, 2) for i in range(k)],
   }
 
-  def losses(p, x, y):
+  def trunk(layers, x):
     h = x
-    for layer in p["trunk"]:
+    for layer in layers:
       h = jax.nn.relu(h @ layer["w"] + layer["b"])
+    return h
+
+  def head_losses(heads, h, y):
     out = []
-    for i, head in enumerate(p["heads"]):
+    for i, head in enumerate(heads):
       logits = h @ head["w"] + head["b"]
       out.append(-jnp.mean(jnp.take_along_axis(jax.nn.log_softmax(logits), y[:, i : i + 1], 1)))
     return tuple(out)
 
+  def losses(p, x, y):
+    return head_losses(p["heads"], trunk(p["trunk"], x), y)
+
+  def inner_of(rule):
+    options = {"key": 0} if rule in ("pcgrad", "gradvac") else {}
+    return aggregators.mean(k) if rule == "mean" else _catalogue.BY_NAME[rule].make(k, **options)
+
   adam = optax.adam(1e-3)
+  if name.endswith(":features"):
+    agg = aggregators.on_shared(inner_of(name.split(":")[0]), {"features": True, "heads": False})
+
+    def step(p, s, x, y):
+      agg_state, adam_state = s
+      h, pullback = jax.vjp(lambda t: trunk(t, x), p["trunk"])
+      _, grads = bloop_optax.value_and_grads(lambda f: head_losses(f["heads"], f["features"], y))(
+        {"features": h, "heads": p["heads"]}
+      )
+      direction, agg_state = agg.update(grads, agg_state)
+      (trunk_direction,) = pullback(direction["features"])
+      updates = {"trunk": trunk_direction, "heads": direction["heads"]}
+      updates, adam_state = adam.update(updates, adam_state, p)
+      return optax.apply_updates(p, updates), (agg_state, adam_state)
+
+    def init():
+      features = jnp.zeros((BATCH, WIDTH))
+      state = agg.init({"features": features, "heads": params["heads"]}), adam.init(params)
+      return jax.tree.map(jnp.copy, params), state, x, y
+
+    return step, init
+
   if name == "sum":
     tx = adam
 
@@ -117,9 +156,7 @@ def our_step(name, k):
       return optax.apply_updates(p, updates), s
 
   else:
-    options = {"key": 0} if name in ("pcgrad", "gradvac") else {}
-    inner = aggregators.mean(k) if name == "mean" else _catalogue.BY_NAME[name].make(k, **options)
-    tx = optax.chain(aggregators.on_shared(inner, {"trunk": True, "heads": False}), adam)
+    tx = optax.chain(aggregators.on_shared(inner_of(name), {"trunk": True, "heads": False}), adam)
 
     def step(p, s, x, y):
       _, grads = bloop_optax.value_and_grads(losses)(p, x, y)
@@ -245,7 +282,7 @@ def plot(results, path):
 
   ks = sorted(int(k) for k in results["ours"])
   fig, axes = plt.subplots(1, 2, figsize=(11, 4.2))
-  shown = ["sum", "mean", "upgrad", "mgda", "nash_mtl"]
+  shown = ["sum", "mean", "upgrad", "mgda", "nash_mtl", "upgrad:features"]
   for i, name in enumerate(shown):
     color = f"C{i}"
     ours = [results["ours"][str(k)].get(name, {}).get("ms") for k in ks]
@@ -300,6 +337,7 @@ def main():
   parser.add_argument("--rounds", type=int, default=5)
   parser.add_argument("--torchjd-python", default=None, help="python of a TorchJD environment")
   parser.add_argument("--out", default="results")
+  parser.add_argument("--stem", default="multitask_step", help="name of the .json and .png")
   parser.add_argument("--torchjd-worker", action="store_true", help=argparse.SUPPRESS)
   args = parser.parse_args()
   ks = [int(k) for k in args.tasks.split(",")]
@@ -323,9 +361,9 @@ def main():
       done = subprocess.run(command, capture_output=True, text=True, check=True)
       results["torchjd"][str(k)] = json.loads(done.stdout.strip().splitlines()[-1])[str(k)]
     print(table({"ours": {str(k): results["ours"][str(k)]}, "torchjd": results["torchjd"]}))
-    (out / "multitask_step.json").write_text(json.dumps(results, indent=1))
-  plot(results, out / "multitask_step.png")
-  print(f"wrote {out / 'multitask_step.json'} and {out / 'multitask_step.png'}", file=sys.stderr)
+    (out / f"{args.stem}.json").write_text(json.dumps(results, indent=1))
+  plot(results, out / f"{args.stem}.png")
+  print(f"wrote {out / args.stem}.json and .png", file=sys.stderr)
 
 
 if __name__ == "__main__":

@@ -202,3 +202,23 @@ def grads(case: Case, step: int = 0, dtype=jnp.float32, like: Any = None) -> Any
       )
     )
   return case.updates(out)
+
+
+# On 8 devices (tests/test_sharding.py) the README's test command checks these
+# aggregators (those whose rules differ most: no Gram matrix, the active set,
+# random orders, the Newton solve, the shared-parameter wrapper); the slow tier
+# checks every one.
+QUICK_ON_DEVICES = {
+  "aggregators.mean",
+  "aggregators.mgda_ema",
+  "aggregators.pcgrad_ema",
+  "aggregators.upgrad_ema",
+  "aggregators.nash_mtl_ema",
+  "aggregators.on_shared",
+}
+
+
+def covered_on_devices(name, coverage):
+  """Whether a catalogue case is checked at this coverage ("quick" or "full"):
+  in quick, every transform that is not an aggregator and QUICK_ON_DEVICES."""
+  return coverage == "full" or not name.startswith("aggregators.") or name in QUICK_ON_DEVICES

@@ -1,7 +1,18 @@
-"""Fixtures the test modules share."""
+"""Fixtures the test modules share, and the test session's XLA setting."""
 
-import jax
-import pytest
+import os
+
+# The tests compile hundreds of small programs and run each for milliseconds:
+# LLVM's optimisation of the generated CPU code is about a third of their
+# compile time and buys nothing here. XLA reads the flag when it starts its
+# backend, after this file is imported (a flag the caller set is kept).
+if "xla_backend_optimization_level" not in os.environ.get("XLA_FLAGS", ""):
+  os.environ["XLA_FLAGS"] = (
+    os.environ.get("XLA_FLAGS", "") + " --xla_backend_optimization_level=0"
+  ).strip()
+
+import jax  # noqa: E402
+import pytest  # noqa: E402
 
 
 @pytest.fixture

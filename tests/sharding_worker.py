@@ -27,7 +27,7 @@ from benchmarks.speed._common import collectives  # noqa: E402
 from tests import catalogue  # noqa: E402
 
 
-def main(axis_type_name):
+def main(axis_type_name, coverage="full"):
   axis_type = getattr(AxisType, axis_type_name)
   mesh = jax.make_mesh((8,), ("data",), axis_types=(axis_type,))
   specs = {"w": P("data", None), "v": P("data"), "b": P()}
@@ -79,7 +79,11 @@ def main(axis_type_name):
   pairwise_limit = bloop_optax._tree_math.MAX_PAIRWISE_REDUCTIONS
   agg_report = {}
   for name, agg_tx, steps_of_grads in [
-    *((case.name, case.make(), triples) for case in catalogue.one_per_aggregator()),
+    *(
+      (case.name, case.make(), triples)
+      for case in catalogue.one_per_aggregator()
+      if catalogue.covered_on_devices(case.name, coverage)
+    ),
     ("hierarchical_bloop", bloop_optax.hierarchical_bloop((0.5, 0.5), ema_decay=0.8), triples),
     ("upgrad_ema_k12", aggregators.upgrad(12, ema_decay=0.8), many),
   ]:
@@ -119,6 +123,8 @@ def main(axis_type_name):
   if axis_type_name == "Explicit":
     typeof = getattr(jax, "typeof", None) or jax.core.get_aval
     for case in catalogue.CASES:
+      if not catalogue.covered_on_devices(case.name, coverage):
+        continue
       tx = case.make()
       with set_mesh(mesh):
         p = put(params)
@@ -134,6 +140,7 @@ def main(axis_type_name):
       state_types[case.name] = kinds(before) == kinds(after)
 
   return {
+    "coverage": coverage,
     "state_types": state_types,
     "aggregators": agg_report,
     "devices": jax.device_count(),
@@ -147,4 +154,4 @@ def main(axis_type_name):
 
 
 if __name__ == "__main__":
-  print(json.dumps(main(sys.argv[1])))
+  print(json.dumps(main(*sys.argv[1:])))

@@ -155,8 +155,9 @@ def test_default_output_folder_is_ignored_by_git():
 
 
 # The tasks that compile their own models (a transformer, the multitask net, extra
-# EMA variants) take minutes: they run in the slow tier (pytest -m slow).
-SLOW_TASKS = {"text", "multitask", "ema_ablation", "three_objectives"}
+# EMA variants) or train for a minute (digits, the README's main job) run in the
+# slow tier (pytest -m slow).
+SLOW_TASKS = {"text", "multitask", "ema_ablation", "three_objectives", "digits"}
 
 
 @pytest.mark.parametrize(

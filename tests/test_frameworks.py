@@ -42,6 +42,7 @@ def load_page(name):
 SGD = optax.sgd(0.05, momentum=0.9)
 
 
+@pytest.mark.slow  # each page's training script, a minute in all: the slow tier
 @pytest.mark.parametrize("name", ["flax_nnx", "flax_linen", "equinox"])
 def test_page_example_accuracy_matches_the_framework_step(name):
   """The page's own script, as a user runs it: Bloop's held-out accuracy is within

@@ -12,6 +12,9 @@ import sys
 
 import pytest
 
+# Two processes that compile for a minute and a half: the slow tier.
+pytestmark = pytest.mark.slow
+
 WORKER = pathlib.Path(__file__).with_name("multiprocess_worker.py")
 
 

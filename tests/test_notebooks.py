@@ -78,6 +78,9 @@ def test_the_notebooks_are_there():
   assert {p.stem for p in NOTEBOOKS} == set(QUICK)
 
 
+# A minute of kernels: the slow tier (.ci/run runs it once, in the notebooks' own
+# environment).
+@pytest.mark.slow
 @pytest.mark.parametrize("path", NOTEBOOKS, ids=lambda p: p.stem)
 def test_notebook_runs_from_the_installed_package(path, kernel_python, tmp_path, monkeypatch):
   notebook = nbformat.read(path, as_version=4)

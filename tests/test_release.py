@@ -51,6 +51,7 @@ def test_citation_file_validates():
   assert "valid" in done.stdout
 
 
+@pytest.mark.slow  # builds a wheel and a virtual environment: the slow tier
 def test_wheel_installs_into_a_fresh_environment_and_holds_only_the_package(tmp_path):
   dist = tmp_path / "dist"
   build = subprocess.run(
