@@ -286,6 +286,8 @@ def plot(results, path):
   for i, name in enumerate(shown):
     color = f"C{i}"
     ours = [results["ours"][str(k)].get(name, {}).get("ms") for k in ks]
+    if all(t is None for t in ours):  # a rule this run did not measure
+      continue
     axes[0].plot(ks, ours, "o-", color=color, label=f"ours: {name}")
     theirs = [results.get("torchjd", {}).get(str(k), {}).get(name) for k in ks]
     if any(t is not None for t in theirs):
