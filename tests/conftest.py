@@ -22,22 +22,3 @@ def strict_dtype_promotion(request):
   mode = "standard" if request.node.get_closest_marker("optax_optimizer") else "strict"
   with jax.numpy_dtype_promotion(mode):
     yield
-
-
-# Under pytest -n 2 each file runs on one worker (--dist loadfile, set in
-# pyproject.toml). The files that take longest start first, so that the two
-# workers finish together instead of one finishing a long file alone.
-LONGEST_FIRST = (
-  "test_aggregators.py",
-  "test_contract.py",
-  "test_sharding.py",
-  "test_shared_params.py",
-  "test_transforms.py",
-  "test_frameworks.py",
-  "test_aggregators_by_rule.py",
-)
-
-
-def pytest_collection_modifyitems(items):
-  rank = {name: i for i, name in enumerate(LONGEST_FIRST)}
-  items.sort(key=lambda item: rank.get(item.path.name, len(rank)))  # stable
