@@ -75,14 +75,11 @@ def method(name, rule):
   return inner
 
 
-def run(name, rule, seed, steps):
+def init_params(seed):
+  """The trunk's two layers and the forty heads (He initialisation)."""
   import jax
   import jax.numpy as jnp
-  import optax
 
-  import bloop_optax
-
-  x_train, y_train, x_test, y_test = dataset()
   keys = jax.random.split(jax.random.key(seed), 2 + TASKS)
 
   def dense(key, n_in, n_out):
@@ -91,54 +88,86 @@ def run(name, rule, seed, steps):
       "b": jnp.zeros(n_out),
     }
 
-  params = {
+  return {
     "trunk": [dense(keys[0], 64, WIDTH), dense(keys[1], WIDTH, WIDTH)],
     "heads": [dense(keys[2 + i], WIDTH, 2) for i in range(TASKS)],
   }
 
-  def trunk(layers, x):
-    h = x
-    for layer in layers:
-      h = jax.nn.relu(h @ layer["w"] + layer["b"])
-    return h
 
-  def logits(p, x):
-    h = trunk(p["trunk"], x)
-    return [h @ head["w"] + head["b"] for head in p["heads"]]
+def trunk(layers, x):
+  import jax
 
-  def cross_entropies(outputs, y):
-    return tuple(
-      -jnp.mean(jnp.take_along_axis(jax.nn.log_softmax(z), y[:, i : i + 1], 1))
-      for i, z in enumerate(outputs)
-    )
+  h = x
+  for layer in layers:
+    h = jax.nn.relu(h @ layer["w"] + layer["b"])
+  return h
 
-  def losses(p, x, y):
-    return cross_entropies(logits(p, x), y)
 
+def head_logits(features, heads):
+  return [features @ head["w"] + head["b"] for head in heads]
+
+
+def head_losses(f, y):
+  """The forty cross-entropies of ``f = {"features": trunk output, "heads": [...]}``."""
+  import jax
+  import jax.numpy as jnp
+
+  return tuple(
+    -jnp.mean(jnp.take_along_axis(jax.nn.log_softmax(z), y[:, i : i + 1], 1))
+    for i, z in enumerate(head_logits(f["features"], f["heads"]))
+  )
+
+
+def losses(p, x, y):
+  return head_losses({"features": trunk(p["trunk"], x), "heads": p["heads"]}, y)
+
+
+def features_init(aggregator, params):
+  """``aggregator``'s state for MGDA-UB's step: shaped like a batch's features."""
+  import jax.numpy as jnp
+
+  return aggregator.init({"features": jnp.zeros((BATCH, WIDTH)), "heads": params["heads"]})
+
+
+def features_direction(aggregator, agg_state, p, x, y):
+  """MGDA-UB's step: the aggregator (``on_shared`` with the features marked shared)
+  decides from the forty gradients of the trunk's output; its direction there is
+  pulled back through the trunk once, each head keeps its own task's gradient."""
+  import jax
+
+  import bloop_optax
+
+  h, pullback = jax.vjp(lambda t: trunk(t, x), p["trunk"])
+  f = {"features": h, "heads": p["heads"]}
+  values, grads = bloop_optax.value_and_grads(head_losses)(f, y)
+  direction, agg_state = aggregator.update(grads, agg_state)
+  (trunk_direction,) = pullback(direction["features"])
+  return values, {"trunk": trunk_direction, "heads": direction["heads"]}, agg_state
+
+
+def run(name, rule, seed, steps):
+  import jax
+  import jax.numpy as jnp
+  import optax
+
+  import bloop_optax
+
+  x_train, y_train, x_test, y_test = dataset()
+  params = init_params(seed)
   aggregator = method(name, rule)
   adam = optax.adam(1e-3)
   features_mode = name.endswith("features")
   if features_mode:  # the aggregator, then the pullback, then Adam
-    tx = adam
-    features = jnp.zeros((BATCH, WIDTH))
-    state = aggregator.init({"features": features, "heads": params["heads"]}), adam.init(params)
+    state = features_init(aggregator, params), adam.init(params)
   else:
     tx = adam if aggregator is None else optax.chain(aggregator, adam)
     state = tx.init(params)
-
-  def head_losses(f, y):
-    return cross_entropies([f["features"] @ hd["w"] + hd["b"] for hd in f["heads"]], y)
 
   @jax.jit
   def step(p, s, x, y):
     if features_mode:
       agg_state, adam_state = s
-      h, pullback = jax.vjp(lambda t: trunk(t, x), p["trunk"])
-      f = {"features": h, "heads": p["heads"]}
-      values, grads = bloop_optax.value_and_grads(head_losses)(f, y)
-      direction, agg_state = aggregator.update(grads, agg_state)
-      (trunk_direction,) = pullback(direction["features"])
-      updates = {"trunk": trunk_direction, "heads": direction["heads"]}
+      values, updates, agg_state = features_direction(aggregator, agg_state, p, x, y)
       updates, adam_state = adam.update(updates, adam_state, p)
       return optax.apply_updates(p, updates), (agg_state, adam_state), sum(values) / TASKS
     if aggregator is None:
@@ -151,7 +180,8 @@ def run(name, rule, seed, steps):
 
   @jax.jit
   def evaluate(p, x, y):
-    hits = [jnp.mean(jnp.argmax(z, 1) == y[:, i]) for i, z in enumerate(logits(p, x))]
+    outputs = head_logits(trunk(p["trunk"], x), p["heads"])
+    hits = [jnp.mean(jnp.argmax(z, 1) == y[:, i]) for i, z in enumerate(outputs)]
     accuracy = jnp.stack(hits)
     return accuracy, jnp.mean(jnp.stack(losses(p, x, y)))
 
@@ -179,64 +209,33 @@ def run(name, rule, seed, steps):
 
 def direction_gap(rule, seed=0):
   """On the first batch at initialisation: the relative difference of the trunk's
-  direction with every parameter aggregated and with the shared ones, and the
-  spread of the weights each decides."""
+  direction with every parameter aggregated, and with MGDA-UB's features, from
+  the shared-parameter one, and the spread of the weights each decides."""
   import jax
   import jax.numpy as jnp
 
   import bloop_optax
-  from bloop_optax import aggregators
 
   x_train, y_train, _, _ = dataset()
-  keys = jax.random.split(jax.random.key(seed), 2 + TASKS)
-  dense = lambda key, n_in, n_out: {  # noqa: E731
-    "w": jax.random.normal(key, (n_in, n_out)) * jnp.sqrt(2.0 / n_in),
-    "b": jnp.zeros(n_out),
-  }
-  params = {
-    "trunk": [dense(keys[0], 64, WIDTH), dense(keys[1], WIDTH, WIDTH)],
-    "heads": [dense(keys[2 + i], WIDTH, 2) for i in range(TASKS)],
-  }
+  params = init_params(seed)
   x, y = x_train[:BATCH], y_train[:BATCH]
 
-  def trunk(layers):
-    h = x
-    for layer in layers:
-      h = jax.nn.relu(h @ layer["w"] + layer["b"])
-    return h
-
-  def head_losses(f):
-    logits = [f["features"] @ hd["w"] + hd["b"] for hd in f["heads"]]
-    return tuple(
-      -jnp.mean(jnp.take_along_axis(jax.nn.log_softmax(z), y[:, i : i + 1], 1))
-      for i, z in enumerate(logits)
-    )
-
-  def losses(p):
-    return head_losses({"features": trunk(p["trunk"]), "heads": p["heads"]})
-
-  _, grads = bloop_optax.value_and_grads(losses)(params)
-  full = getattr(aggregators, rule)(TASKS)
-  shared = aggregators.on_shared(getattr(aggregators, rule)(TASKS), {"trunk": True, "heads": False})
+  _, grads = bloop_optax.value_and_grads(losses)(params, x, y)
+  full, shared, by_features = (method(f"{rule} {m}", rule) for m in ("full", "shared", "features"))
   d_full, s_full = full.update(grads, full.init(params))
   d_shared, s_shared = shared.update(grads, shared.init(params))
-  flat = lambda t: jnp.concatenate([v.ravel() for v in jax.tree.leaves(t)])  # noqa: E731
-  gap = jnp.linalg.norm(flat(d_full["trunk"]) - flat(d_shared["trunk"]))
-  w_full, w_shared = s_full.objective_weights, s_shared.inner.objective_weights
-  # MGDA-UB: the weights from the gradients with respect to the trunk's output
-  h, pullback = jax.vjp(trunk, params["trunk"])
-  f = {"features": h, "heads": params["heads"]}
-  _, f_grads = bloop_optax.value_and_grads(head_losses)(f)
-  by_features = aggregators.on_shared(
-    getattr(aggregators, rule)(TASKS), {"features": True, "heads": False}
+  _, d_features, s_features = features_direction(
+    by_features, features_init(by_features, params), params, x, y
   )
-  d_features, s_features = by_features.update(f_grads, by_features.init(f))
-  (trunk_features,) = pullback(d_features["features"])
-  features_gap = jnp.linalg.norm(flat(trunk_features) - flat(d_shared["trunk"]))
+  flat = lambda t: jnp.concatenate([v.ravel() for v in jax.tree.leaves(t)])  # noqa: E731
+  norm = jnp.linalg.norm(flat(d_shared["trunk"]))
+  gap = jnp.linalg.norm(flat(d_full["trunk"]) - flat(d_shared["trunk"]))
+  features_gap = jnp.linalg.norm(flat(d_features["trunk"]) - flat(d_shared["trunk"]))
+  w_full, w_shared = s_full.objective_weights, s_shared.inner.objective_weights
   w_features = s_features.inner.objective_weights
   return {
-    "trunk_relative_gap": float(gap / jnp.linalg.norm(flat(d_shared["trunk"]))),
-    "features_relative_gap": float(features_gap / jnp.linalg.norm(flat(d_shared["trunk"]))),
+    "trunk_relative_gap": float(gap / norm),
+    "features_relative_gap": float(features_gap / norm),
     "weights_features_min_max": [float(w_features.min()), float(w_features.max())],
     "weights_full_min_max": [float(w_full.min()), float(w_full.max())],
     "weights_shared_min_max": [float(w_shared.min()), float(w_shared.max())],

@@ -453,6 +453,6 @@ def _task_param_grads(w, b, heads, x, y):
   for i, (h, t) in enumerate(zip(heads, y, strict=True)):
     r = (z @ h - t) / n
     dz = (r @ h.T) * (1 - z**2)
-    head_grads = [{"w": z.T @ r if j == i else np.zeros_like(h)} for j, hh in enumerate(heads)]
+    head_grads = [{"w": z.T @ r if j == i else np.zeros_like(h)} for j in range(len(heads))]
     out.append({"trunk": {"b": dz.sum(0), "w": x.T @ dz}, "heads": head_grads})
   return out
