@@ -216,8 +216,9 @@ def test_the_newton_budget_leaves_a_margin():
   full_steps = _fairness.FAIR_NEWTON_STEPS
   # float32: once converged, the iterates of the ridge-degenerate problems (K > P,
   # alpha = 5: weights ~1e5 on a system with condition ~1e10) still move by up to
-  # 3e-5 of the largest weight from step to step; unconverged ones differ by 0.1.
-  for dtype, tol in [(jnp.float32, 1e-4), (jnp.float64, 1e-10)]:
+  # 2e-4 of the largest weight from step to step (how far depends on the compiled
+  # code's rounding); unconverged ones (5 steps) differ by 4e-3 to 0.97.
+  for dtype, tol in [(jnp.float32, 1e-3), (jnp.float64, 1e-10)]:
     with enable_x64():
       for k, grams in batches.items():
         full = run(full_steps, dtype, grams)  # [batch, alpha, K]
