@@ -1,6 +1,8 @@
 """The multi-objective aggregators against a NumPy reference written from each
 method's paper, their degenerate cases, the EMA option and bad input."""
 
+import re
+
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -445,20 +447,36 @@ def weights_on_exact_gram(name, jac, k):
   return np.asarray(JITTED[name](gram), np.float64)
 
 
-@pytest.mark.parametrize("stacked", [False, True], ids=["pairwise", "stacked"])
+@pytest.mark.parametrize("form", ["pairwise", "stacked", "blockwise"])
 @pytest.mark.parametrize("scale", [1.0, 1e30])
-def test_gram_equals_the_exact_gram_at_any_scale(scale, stacked, monkeypatch):
-  """Both forms of the Gram matrix (pairwise sums, and past
-  MAX_PAIRWISE_REDUCTIONS one stacked product per leaf) equal the float64 Gram
-  matrix, also where float32 sums overflow, and NaN inputs are told apart
+def test_gram_equals_the_exact_gram_at_any_scale(scale, form, monkeypatch):
+  """Every form of the Gram matrix (pairwise sums for at most 4 trees; else one
+  stacked product per leaf; on one CPU device, large leaves' products
+  accumulated over blocks, here blocks of 2 elements so that leaves of 5, 7
+  and 24 elements end with and without a partial block) equals the float64
+  Gram matrix, also where float32 sums overflow, and NaN inputs are told apart
   from overflow."""
-  k = 12
-  if stacked:  # the form taken for very many objectives or leaves
-    monkeypatch.setattr(bloop_optax._tree_math, "MAX_PAIRWISE_REDUCTIONS", 0)
+  k = 4 if form == "pairwise" else 12  # the pairwise form is for at most 4 trees
+  tree_math = bloop_optax._tree_math
+  if form != "pairwise":  # the forms taken for very many objectives or leaves
+    monkeypatch.setattr(tree_math, "MAX_PAIRWISE_REDUCTIONS", 0)
+  if form == "blockwise":
+    monkeypatch.setattr(tree_math, "MIN_BLOCK", 2)
+    monkeypatch.setattr(tree_math, "BLOCK_BYTES", 4 * k * 2)
+  else:
+    monkeypatch.setattr(tree_math, "_blockwise_here", lambda: False)
   rng = np.random.default_rng(11)
   trees = tuple(random_tree(rng, scale=scale * float(s)) for s in rng.uniform(0.1, 3, k))
   jac = np.stack([flat(t) for t in trees])
-  dots = jax.jit(bloop_optax._tree_math.gram)(trees)
+  # A function of its own: jax.jit(tree_math.gram) would reuse the program that an
+  # earlier case traced under other settings.
+  gram = jax.jit(lambda trees: tree_math.gram(trees))
+  program = gram.lower(trees).as_text()
+  products = re.findall(rf"stablehlo.dot_general.*-> tensor<{k}x{k}x", program)
+  assert bool(products) == (form != "pairwise")
+  loops = program.count("stablehlo.while")
+  assert loops == (6 if form == "blockwise" else 0)  # 3 leaves x (fast, rescaled branch)
+  dots = gram(trees)
   exps = np.asarray(dots.exps, np.float64)
   got = np.asarray(dots.values, np.float64) * 2.0 ** (exps[:, None] + exps[None, :])
   want = jac @ jac.T
@@ -467,7 +485,7 @@ def test_gram_equals_the_exact_gram_at_any_scale(scale, stacked, monkeypatch):
   if scale > 1:
     assert exps.max() > 0  # the slow branch ran
   bad = (jax.tree.map(lambda x: x.at[...].set(jnp.nan), trees[0]),) + trees[1:]
-  assert not bool(jax.jit(bloop_optax._tree_math.gram)(bad).finite)
+  assert not bool(gram(bad).finite)
 
 
 @pytest.mark.parametrize("name", list(FACTORIES))
