@@ -12,7 +12,9 @@ devices. For a few trees (at most ``MAX_TREES_PAIRWISE``, and at most
 ``MAX_PAIRWISE_REDUCTIONS`` per-leaf reductions) the sums are one
 multiply-and-reduce per pair and leaf (memory speed, no temporary); otherwise
 one product of the K stacked leaves per leaf (a compile time that grows with
-the leaves, not with the pairs; a temporary as large as the K trees).
+the leaves, not with the pairs; a temporary as large as the K trees, except on
+a single CPU device, where a large leaf is stacked and multiplied a cache-sized
+block at a time).
 
 Float32 sums of squares overflow for norms above about 1.8e19. Rather than
 return a finite but wrong coefficient, when a fast sum is not finite ONE

@@ -9,7 +9,9 @@ scalars cross devices, the K x P Jacobian is never formed. For more than four
 objectives (or past 4,096 per-leaf reductions) the Gram matrix is one
 full-precision product of the K stacked copies of each leaf: it compiles in
 seconds at K = 64, stores the stacked leaves (a temporary as large as the K
-gradients) and all-reduces the K x K matrix across devices.
+gradients) and all-reduces the K x K matrix across devices. On a single CPU
+device a large leaf is stacked and multiplied one cache-sized block at a time
+instead (no temporary beyond the block).
 :func:`on_shared` restricts an aggregator to the shared parameters of a
 multi-task model (a trunk), every task head getting its own task's gradient.
 
