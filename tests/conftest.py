@@ -14,6 +14,11 @@ if "xla_backend_optimization_level" not in os.environ.get("XLA_FLAGS", ""):
 import jax  # noqa: E402
 import pytest  # noqa: E402
 
+# Scripts the tests run in subprocesses. --doctest-modules would import them
+# into the test session, and sharding_worker's first line (8 forced devices, in
+# place of the flag above) would then hold for every test that follows.
+collect_ignore = ["sharding_worker.py", "multiprocess_worker.py"]
+
 
 @pytest.fixture
 def strict_dtype_promotion(request):
