@@ -2,21 +2,27 @@
 
 import os
 
-# The tests compile hundreds of small programs and run each for milliseconds:
-# LLVM's optimisation of the generated CPU code is about a third of their
-# compile time and buys nothing here. XLA reads the flag when it starts its
-# backend, after this file is imported (a flag the caller set is kept).
-if "xla_backend_optimization_level" not in os.environ.get("XLA_FLAGS", ""):
-  os.environ["XLA_FLAGS"] = (
-    os.environ.get("XLA_FLAGS", "") + " --xla_backend_optimization_level=0"
-  ).strip()
+import jax
+import pytest
 
-import jax  # noqa: E402
-import pytest  # noqa: E402
+
+def pytest_configure(config):
+  """The default tier compiles hundreds of small programs and runs each for
+  milliseconds: LLVM's optimisation of the generated CPU code is about a third
+  of their compile time and buys nothing there. The slow tier (minutes-long
+  training runs) keeps it. XLA reads the flag when it starts its backend, at
+  the first computation, after this hook (a flag the caller set is kept)."""
+  if "slow" in config.getoption("markexpr", "").replace("not slow", ""):
+    return
+  if "xla_backend_optimization_level" not in os.environ.get("XLA_FLAGS", ""):
+    os.environ["XLA_FLAGS"] = (
+      os.environ.get("XLA_FLAGS", "") + " --xla_backend_optimization_level=0"
+    ).strip()
+
 
 # Scripts the tests run in subprocesses. --doctest-modules would import them
 # into the test session, and sharding_worker's first line (8 forced devices, in
-# place of the flag above) would then hold for every test that follows.
+# place of the flag that pytest_configure sets) would then hold for every test that follows.
 collect_ignore = ["sharding_worker.py", "multiprocess_worker.py"]
 
 
