@@ -291,7 +291,7 @@ def _stacked(per_leaf, pairs, k, dtype, scales=None) -> jax.Array:
   for n, xs in enumerate(per_leaf):
     w = wide(*(x.dtype for x in xs))
     factors = None if scales is None else tuple(f[:, n].astype(w) for f in scales)
-    if blockwise and xs[0].size >= 2 * _block_size(k):
+    if blockwise and 2 * _block_size(k) <= xs[0].size < 2**31:  # int32 offsets
       part = _blockwise_product(xs, w, factors)
     else:
       stacked = jnp.stack([x.astype(w) for x in xs])
