@@ -294,11 +294,7 @@ def _stacked(per_leaf, pairs, k, dtype, scales=None) -> jax.Array:
     if blockwise and 2 * _block_size(k) <= xs[0].size < 2**31:  # int32 offsets
       part = _blockwise_product(xs, w, factors)
     else:
-      stacked = jnp.stack([x.astype(w) for x in xs])
-      if factors is not None:
-        shape = (k,) + (1,) * (stacked.ndim - 1)
-        stacked = stacked * factors[0].reshape(shape) * factors[1].reshape(shape)
-      part = _self_product(stacked).astype(w)
+      part = _self_product(_stack_scaled(xs, w, factors)).astype(w)
     if factors is not None:
       back = factors[2]
       part = part * back[:, None] * back[None, :]
@@ -445,13 +441,23 @@ def _blockwise_here() -> bool:
   return jax.default_backend() == "cpu" and jax.device_count() == 1
 
 
+def _stack_scaled(xs, w, factors) -> jax.Array:
+  """The arrays ``xs`` as ``w``, stacked, each scaled by its ``a`` then its ``b``
+  (``factors``, as in :func:`_pairwise_rescaled`; ``None``: not scaled)."""
+  stacked = jnp.stack([x.astype(w) for x in xs])
+  if factors is not None:
+    shape = (len(xs),) + (1,) * (stacked.ndim - 1)
+    stacked = stacked * factors[0].reshape(shape) * factors[1].reshape(shape)
+  return stacked
+
+
 def _blockwise_product(xs, w, factors) -> jax.Array:
   """:func:`_self_product` of the K leaves ``xs`` stacked, without stacking
   them whole: a loop over blocks of their flattened elements stacks one block
   of each (``[K, block]``, cache-sized) and accumulates its product; the rest
   of the elements is one last block. ``factors``: ``(a, b, back)`` as in
-  :func:`_pairwise_rescaled` (each block is scaled by ``a`` then ``b``), or
-  ``None``."""
+  :func:`_pairwise_rescaled` (each block is scaled by ``a`` then ``b``; the
+  caller applies ``back``), or ``None``."""
   k = len(xs)
   size = _block_size(k)
   flat = [x.reshape(-1) for x in xs]
@@ -459,11 +465,7 @@ def _blockwise_product(xs, w, factors) -> jax.Array:
   done = count * size
 
   def product(block):
-    block = jnp.stack([x.astype(w) for x in block])
-    if factors is not None:
-      block = block * factors[0][:, None] * factors[1][:, None]
-    numbers = (((1,), (1,)), ((), ()))
-    return lax.dot_general(block, block, numbers, precision=lax.Precision.HIGHEST).astype(w)
+    return _self_product(_stack_scaled(block, w, factors)).astype(w)
 
   def body(i, total):
     start = i * size

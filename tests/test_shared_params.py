@@ -416,7 +416,7 @@ def test_features_recipe_equals_the_mgda_ub_reference_in_float64(name):
     w, b = rng.standard_normal((5, 4)), 0.1 * rng.standard_normal(4)
     # targets of alternating sign: the tasks' gradients conflict
     base = rng.standard_normal((4, 2))
-    heads = [base + 0.3 * rng.standard_normal((4, 2)) for i in range(k)]
+    heads = [base + 0.3 * rng.standard_normal((4, 2)) for _ in range(k)]
     x = rng.standard_normal((n, 5))
     target = 3 * rng.standard_normal((n, 2))
     y = [(-1) ** i * target + rng.standard_normal((n, 2)) for i in range(k)]
