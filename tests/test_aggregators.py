@@ -215,6 +215,78 @@ def test_active_set_ends_well_within_its_budget():
         assert int(its) < _qp.ACTIVE_SET_BUDGET(k) // 2, (k, int(its))
 
 
+
+@pytest.mark.parametrize("simplex", [True, False])
+def test_free_set_solve_by_cholesky_equals_the_pseudo_inverse_or_declines(simplex):
+  """The active set's Cholesky solve is the pseudo-inverse's exact solve where
+  the free block is nonsingular, declines where it is singular (repeated or
+  dependent gradients, a zero gradient), and the batched solve mixes both."""
+  rng = np.random.default_rng(16)
+  with enable_x64():
+    for k, p in [(6, 12), (6, 3), (9, 4), (5, 5), (7, 9)]:
+      jac = rng.standard_normal((k, p)) * rng.uniform(0.5, 2, size=(k, 1))
+      jac[1] = jac[0] if p < k else jac[1]  # a repeated row where the rank is short anyway
+      jac[-1] = 0 if k == 9 else jac[-1]
+      if k == 7:  # nearly repeated: Q_FF's smallest eigenvalue about 1e-18, below the cutoff
+        jac[2] = jac[3] + 1e-9 * rng.standard_normal(p)
+      q = jac @ jac.T
+      q = q / np.max(np.diag(q))
+      frees = rng.random((8, k)) < 0.6
+      frees[0] = True
+      frees[1] = np.arange(k) < min(p, k) - 1
+      cs = rng.standard_normal((8, k))
+      fast = jax.jit(_qp._cholesky_solution, static_argnames="simplex")
+      exact = jax.jit(_qp._free_set_solution, static_argnames="simplex")
+      for c, free in zip(cs, frees, strict=True):
+        if simplex and not free.any():
+          continue
+        z, ok = fast(jnp.asarray(q), jnp.asarray(c), jnp.asarray(free), simplex=simplex)
+        block = q[np.ix_(free, free)]
+        smallest = np.linalg.eigvalsh(block)[0] if free.any() else 1.0
+        if smallest > 1e-6 or smallest < 1e-15:  # clearly invertible or not at the cutoff
+          assert bool(ok) == (smallest > 1e-6), (k, p, free, smallest)
+        if ok:
+          want = exact(jnp.asarray(q), jnp.asarray(c), jnp.asarray(free), simplex=simplex)
+          np.testing.assert_allclose(z, want, rtol=1e-9, atol=1e-9 * np.max(np.abs(want)))
+      keep = frees.any(axis=1) if simplex else np.ones(8, bool)
+      got = jax.jit(_qp._free_set_solutions, static_argnames="simplex")(
+        jnp.asarray(q), jnp.asarray(cs[keep]), jnp.asarray(frees[keep]), simplex=simplex
+      )
+      want = jax.vmap(lambda c, f: exact(jnp.asarray(q), c, f, simplex=simplex))(
+        jnp.asarray(cs[keep]), jnp.asarray(frees[keep])
+      )
+      np.testing.assert_allclose(got, want, rtol=1e-9, atol=1e-9 * np.max(np.abs(want)))
+    # A positive definite block whose smallest eigenvalue is below the
+    # pseudo-inverse's cutoff (which drops it): declined, though the factor exists.
+    q = jnp.diag(jnp.asarray([1.0, 0.5, 1e-17, 1e-6]))
+    free = jnp.asarray([True, True, True, False])
+    assert not bool(fast(q, jnp.ones([4]), free, simplex=simplex)[1])
+    assert bool(fast(q, jnp.ones([4]), ~free | (jnp.arange(4) < 2), simplex=simplex)[1])
+
+
+def test_batched_active_set_equals_each_problem_alone():
+  """B problems on one Q solved together stop one by one: each ends where it
+  ends alone, with its own iteration count (dependent rows included)."""
+  rng = np.random.default_rng(17)
+  solve = jax.jit(_qp.active_set, static_argnames="simplex")
+  with enable_x64():
+    for k, p in [(7, 14), (7, 4)]:
+      jac = rng.standard_normal((k, p))
+      q = jnp.asarray(jac @ jac.T / np.max(np.sum(jac**2, axis=1)))
+      cs = jnp.asarray(rng.standard_normal((5, k)))
+      zeros = jnp.zeros([5, k])
+      x, free, its = solve(q, cs, zeros, zeros > 0, simplex=False)
+      starts = jnp.eye(k)[:5]
+      xs, frees, its_s = solve(q, cs, starts, starts > 0, simplex=True)
+      for b in range(5):
+        one = solve(q, cs[b], zeros[b], zeros[b] > 0, simplex=False)
+        np.testing.assert_allclose(x[b], one[0], rtol=1e-12, atol=1e-14)
+        assert (np.asarray(free[b]) == np.asarray(one[1])).all() and int(its[b]) == int(one[2])
+        one = solve(q, cs[b], starts[b], starts[b] > 0, simplex=True)
+        np.testing.assert_allclose(xs[b], one[0], rtol=1e-12, atol=1e-14)
+        assert (np.asarray(frees[b]) == np.asarray(one[1])).all() and int(its_s[b]) == int(one[2])
+        assert abs(float(jnp.sum(xs[b])) - 1) < 1e-12 and float(jnp.min(xs[b])) >= 0
+
 # ------------------------------------------------------------------- EMA
 
 
