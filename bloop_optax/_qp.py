@@ -12,16 +12,12 @@ constraints:
 Both are solved by a primal active-set method (Lawson and Hanson's, extended to
 a general positive semi-definite ``Q`` and an optional equality): the free set
 grows by the index whose gradient most violates optimality, and each step
-solves the equality-constrained problem on the free set exactly. The solve
-takes a Cholesky factor of the free block where that block is safely positive
-definite, and otherwise the pseudo-inverse of the (symmetric) KKT matrix, so
-singular Gram matrices (collinear or repeated gradients) are handled; where
-both apply they are the same exact inverse. The method ends in finitely many
+solves the equality-constrained problem on the free set exactly, through the
+pseudo-inverse of its (symmetric) KKT matrix, so singular Gram matrices
+(collinear or repeated gradients) are handled. The method ends in finitely many
 steps; it runs in a ``lax.while_loop`` with a fixed budget, with no host round
 trip. Every iterate is feasible. Tolerances are relative to the problem's
-scale (``_tolerance``). Several problems on one matrix (UPGrad's K
-projections) are solved as one batch, so the pseudo-inverse is computed only
-in the iterations where some problem needs it.
+scale (``_tolerance``).
 """
 
 import jax
@@ -56,8 +52,7 @@ def pinv_symmetric(m: jax.Array, rtol: jax.Array | float | None = None) -> jax.A
 def _free_set_solution(q, c, free, simplex):
   """Minimiser of ``x^T Q x / 2 + c^T x`` over ``x`` zero off ``free`` (and
   summing to 1 with ``simplex``), from the KKT system ``[[Q_FF, 1], [1, 0]]``
-  padded with identity rows for the fixed coordinates, through its
-  pseudo-inverse (any ``Q_FF``, singular included)."""
+  padded with identity rows for the fixed coordinates."""
   k = q.shape[0]
   f = free.astype(q.dtype)
   top = jnp.outer(f, f) * q + jnp.diag(1 - f)
@@ -71,87 +66,29 @@ def _free_set_solution(q, c, free, simplex):
   return z[:k] * f
 
 
-def _cholesky_solution(q, c, free, simplex):
-  """The solution of :func:`_free_set_solution` through a Cholesky factor of
-  the free block, and whether it stands for it.
-
-  It stands when the block is positive definite with its smallest eigenvalue
-  above the pseudo-inverse's cutoff (``K + 1`` times the dtype's epsilon times
-  the largest eigenvalue), so that the pseudo-inverse would keep every
-  eigenvalue and both are the same exact inverse. The smallest eigenvalue is
-  bounded below by ``1 / |L^-1|_F^2`` and the largest above by the trace.
-  Where it does not stand, the caller takes the pseudo-inverse.
-  """
-  k = q.shape[0]
-  dtype = q.dtype
-  f = free.astype(dtype)
-  both = jnp.outer(f, f)
-  # The fixed coordinates are padded with identity rows: no entry couples them
-  # to the free ones, so neither the factor nor its inverse does either.
-  low = jnp.linalg.cholesky(both * q + jnp.diag(1 - f))
-  inv_low = jax.scipy.linalg.solve_triangular(low, jnp.eye(k, dtype=dtype), lower=True)
-  bound = jnp.sum(both * inv_low**2)  # >= 1 / smallest eigenvalue of Q_FF
-  cutoff = (k + 1) * jnp.finfo(dtype).eps * jnp.sum(f * jnp.diag(q))
-  ok = jnp.isfinite(bound) & (4 * cutoff * bound < 1)
-  inv_low = jnp.where(ok, inv_low, 0) * f[None, :]
-
-  def apply_inv(b):  # Q_FF^-1 b on the free coordinates, 0 elsewhere
-    return (inv_low @ b) @ inv_low
-
-  def solve(b, level):  # [Q_FF, 1; 1, 0] [z; nu] = [b; level] (without 1: Q_FF z = b)
-    u = apply_inv(b)
-    if not simplex:
-      return u, jnp.zeros([], dtype)
-    y = apply_inv(f)
-    nu = (f @ u - level) / jnp.where(ok, f @ y, 1)
-    return u - nu * y, nu
-
-  z, nu = solve(-c * f, jnp.ones([], dtype))
-  # One step of iterative refinement, as in the pseudo-inverse's solve.
-  residual = -c * f - f * (q @ z) - (nu * f if simplex else 0)
-  dz, _ = solve(residual, jnp.ones([], dtype) - f @ z if simplex else jnp.zeros([], dtype))
-  return z + dz, ok
-
-
-def _free_set_solutions(q, c, free, simplex):
-  """:func:`_free_set_solution` for a batch of problems ``c``, ``free``
-  (``[B, K]``) on one ``q``: Cholesky factors, and the pseudo-inverse only
-  when some problem's free block is (nearly) singular."""
-  fast, ok = jax.vmap(lambda cc, ff: _cholesky_solution(q, cc, ff, simplex))(c, free)
-
-  def exact():
-    slow = jax.vmap(lambda cc, ff: _free_set_solution(q, cc, ff, simplex))(c, free)
-    return jnp.where(ok[:, None], fast, slow)
-
-  return lax.cond(jnp.all(ok), lambda: fast, exact)
-
-
 def active_set(q, c, x0, free0, simplex, budget=None):
   """Solves the QP of the module docstring from a feasible start.
 
   Args:
     q: ``[K, K]`` symmetric positive semi-definite.
-    c: ``[K]``, or ``[B, K]`` for B problems on the same ``q`` (solved
-      together; each stops where it ends).
-    x0: a feasible start shaped like ``c``, zero off ``free0``.
-    free0: bool, shaped like ``c``: the start's free set.
+    c: ``[K]``.
+    x0: a feasible ``[K]`` start, zero off ``free0``.
+    free0: ``[K]`` bool, the start's free set.
     simplex: a Python bool: add the constraint ``sum(x) = 1``.
     budget: the iteration budget (default ``ACTIVE_SET_BUDGET(K)``).
 
   Returns:
-    ``(x, free, iterations)``, each with ``c``'s leading shape: the solution,
-    its free set, and the number of iterations used (``budget`` if the budget
-    ran out; ``x`` is then the last feasible iterate).
+    ``(x, free, iterations)``: the solution, its free set, and the number of
+    iterations used (``budget`` if the budget ran out; ``x`` is then the last
+    feasible iterate).
   """
   k = q.shape[0]
   dtype = q.dtype
   budget = ACTIVE_SET_BUDGET(k) if budget is None else budget
   tol = _tolerance(dtype)
-  single = jnp.ndim(c) == 1
-  c, x0, free0 = (jnp.atleast_2d(a) for a in (c, x0, free0))
-  scale = jnp.maximum(jnp.max(jnp.abs(q)), jnp.max(jnp.abs(c), axis=1))  # [B]
+  scale = jnp.maximum(jnp.max(jnp.abs(q)), jnp.max(jnp.abs(c)))
 
-  def optimal_violation(x, free, c, scale):
+  def optimal_violation(x, free):
     grad = q @ x + c
     level = grad @ x if simplex else jnp.zeros([], dtype)  # simplex: the multiplier
     slack = grad - level
@@ -159,14 +96,16 @@ def active_set(q, c, x0, free0, simplex, budget=None):
     candidates = ~free & (slack < -room)
     return jnp.any(candidates), jnp.argmin(jnp.where(candidates, slack, jnp.inf))
 
-  def step(x, free, z, c, scale):
+  def body(carry):
+    x, free, _, it = carry
+    z = _free_set_solution(q, c, free, simplex)
     z_room = tol * k * jnp.maximum(1, jnp.max(jnp.abs(z)))
     blocked = free & (z < -z_room)
 
     def accept():
       x_new = jnp.where(free & (z > 0), z, 0)
       free_new = free & (z > 0)
-      more, j = optimal_violation(x_new, free_new, c, scale)
+      more, j = optimal_violation(x_new, free_new)
       return x_new, free_new | ((jnp.arange(k) == j) & more), ~more
 
     def step_back():
@@ -178,29 +117,16 @@ def active_set(q, c, x0, free0, simplex, budget=None):
       free_new = free & (x_new > 0) & (jnp.arange(k) != i)
       return jnp.where(free_new, x_new, 0), free_new, jnp.zeros([], bool)
 
-    return lax.cond(jnp.any(blocked), step_back, accept)
-
-  def body(carry):
-    x, free, done, it = carry
-    z = _free_set_solutions(q, c, free, simplex)
-    x_new, free_new, done_new = jax.vmap(step)(x, free, z, c, scale)
-    x = jnp.where(done[:, None], x, x_new)
-    free = jnp.where(done[:, None], free, free_new)
-    return x, free, done | done_new, it + (~done).astype(jnp.int32)
+    x_new, free_new, done = lax.cond(jnp.any(blocked), step_back, accept)
+    return x_new, free_new, done, it + 1
 
   def cond(carry):
     _, _, done, it = carry
-    return ~jnp.all(done) & (jnp.max(it) < budget)
+    return ~done & (it < budget)
 
-  batch = c.shape[0]
-  start = (
-    x0.astype(dtype),
-    free0,
-    jnp.zeros([batch], bool),
-    jnp.zeros([batch], jnp.int32),
-  )
+  start = (x0.astype(dtype), free0, jnp.zeros([], bool), jnp.zeros([], jnp.int32))
   x, free, _, it = lax.while_loop(cond, body, start)
-  return (x[0], free[0], it[0]) if single else (x, free, it)
+  return x, free, it
 
 
 def min_norm_simplex(q, c=None):
@@ -214,7 +140,6 @@ def min_norm_simplex(q, c=None):
 
 
 def nonneg(q, c):
-  """``argmin_{x >= 0} x^T Q x / 2 + c^T x``, from ``x = 0``; ``c`` may be a
-  batch ``[B, K]`` of problems on the same ``q``."""
-  zeros = jnp.zeros(jnp.shape(c), q.dtype)
-  return active_set(q, c, zeros, zeros > 0, simplex=False)[0]
+  """``argmin_{x >= 0} x^T Q x / 2 + c^T x``, from ``x = 0``."""
+  k = q.shape[0]
+  return active_set(q, c, jnp.zeros([k], q.dtype), jnp.zeros([k], bool), simplex=False)[0]
