@@ -215,6 +215,96 @@ def test_active_set_ends_well_within_its_budget():
         assert int(its) < _qp.ACTIVE_SET_BUDGET(k) // 2, (k, int(its))
 
 
+
+def _padded_inverse(q, free):
+  """NumPy: the inverse of the free block of ``q`` padded with identity rows."""
+  a = np.where(np.outer(free, free), q, 0) + np.diag(1.0 - free)
+  return np.linalg.inv(a)
+
+
+@pytest.mark.parametrize("simplex", [True, False])
+def test_carried_inverse_solves_as_the_pseudo_inverse_or_is_rebuilt(simplex):
+  """The active set's carried inverse of the free block: rebuilt, it stands
+  exactly where the block is safely nonsingular (not for repeated, dependent or
+  zero gradients, nor a diagonal block under the pseudo-inverse's cutoff), and
+  its solve then equals the pseudo-inverse's; carried across one index entering
+  or leaving it equals the new block's inverse, and is invalid where the new
+  block is singular or several indices changed at once."""
+  rng = np.random.default_rng(16)
+  rebuilt = jax.jit(_qp._rebuilt)
+  solve = jax.jit(_qp._solve_with, static_argnames="simplex")
+  exact = jax.jit(_qp._free_set_solution, static_argnames="simplex")
+  updated = jax.jit(_qp._updated)
+  with enable_x64():
+    for k, p in [(6, 12), (6, 3), (9, 4), (7, 9)]:
+      jac = rng.standard_normal((k, p)) * rng.uniform(0.5, 2, size=(k, 1))
+      jac[1] = jac[0] if p < k else jac[1]  # a repeated row where the rank is short anyway
+      jac[-1] = 0 if k == 9 else jac[-1]
+      if k == 7:  # nearly repeated: Q_FF's smallest eigenvalue about 1e-18, below the cutoff
+        jac[2] = jac[3] + 1e-9 * rng.standard_normal(p)
+      q = jac @ jac.T
+      q = q / np.max(np.diag(q))
+      for _ in range(8):
+        free = rng.random(k) < 0.6
+        c = rng.standard_normal(k)
+        if simplex and not free.any():
+          continue
+        inv, stands = rebuilt(jnp.asarray(q), jnp.asarray(free))
+        block = q[np.ix_(free, free)]
+        smallest = np.linalg.eigvalsh(block)[0] if free.any() else 1.0
+        if smallest > 1e-6 or smallest < 1e-15:  # clearly invertible or not at the cutoff
+          assert bool(stands) == (smallest > 1e-6), (k, p, free, smallest)
+        if not stands:
+          continue
+        np.testing.assert_allclose(inv, _padded_inverse(q, free), rtol=1e-8, atol=1e-8)
+        z, ok = solve(jnp.asarray(q), jnp.asarray(c), jnp.asarray(free), inv, simplex=simplex)
+        want = exact(jnp.asarray(q), jnp.asarray(c), jnp.asarray(free), simplex=simplex)
+        assert bool(ok)
+        np.testing.assert_allclose(z, want, rtol=1e-9, atol=1e-9 * np.max(np.abs(want)))
+        for change in rng.permutation(k)[:3]:  # one index enters or leaves
+          new = free.copy()
+          new[change] = ~new[change]
+          carried, valid = updated(jnp.asarray(q), jnp.asarray(free), jnp.asarray(new), inv, True)
+          block = q[np.ix_(new, new)]
+          smallest = np.linalg.eigvalsh(block)[0] if new.any() else 1.0
+          if smallest > 1e-6:
+            assert bool(valid), (k, p, free, new)
+            np.testing.assert_allclose(carried, _padded_inverse(q, new), rtol=1e-7, atol=1e-7)
+          elif smallest < 1e-15:
+            assert not bool(valid), (k, p, free, new, smallest)
+        both = free.copy()
+        both[:2] = ~both[:2]  # two indices at once: rebuilt at the next iteration
+        assert not bool(updated(jnp.asarray(q), jnp.asarray(free), jnp.asarray(both), inv, True)[1])
+    # A positive definite block whose smallest eigenvalue is below the
+    # pseudo-inverse's cutoff (which drops it): its exact inverse does not stand.
+    q = jnp.diag(jnp.asarray([1.0, 0.5, 1e-17, 1e-6]))
+    assert not bool(rebuilt(q, jnp.asarray([True, True, True, False]))[1])
+    assert bool(rebuilt(q, jnp.asarray([True, True, False, True]))[1])
+
+
+def test_batched_active_set_equals_each_problem_alone():
+  """B problems on one Q solved together stop one by one: each ends where it
+  ends alone, with its own iteration count (dependent rows included)."""
+  rng = np.random.default_rng(17)
+  solve = jax.jit(_qp.active_set, static_argnames="simplex")
+  with enable_x64():
+    for k, p in [(7, 14), (7, 4)]:
+      jac = rng.standard_normal((k, p))
+      q = jnp.asarray(jac @ jac.T / np.max(np.sum(jac**2, axis=1)))
+      cs = jnp.asarray(rng.standard_normal((5, k)))
+      zeros = jnp.zeros([5, k])
+      x, free, its = solve(q, cs, zeros, zeros > 0, simplex=False)
+      starts = jnp.eye(k)[:5]
+      xs, frees, its_s = solve(q, cs, starts, starts > 0, simplex=True)
+      for b in range(5):
+        one = solve(q, cs[b], zeros[b], zeros[b] > 0, simplex=False)
+        np.testing.assert_allclose(x[b], one[0], rtol=1e-12, atol=1e-14)
+        assert (np.asarray(free[b]) == np.asarray(one[1])).all() and int(its[b]) == int(one[2])
+        one = solve(q, cs[b], starts[b], starts[b] > 0, simplex=True)
+        np.testing.assert_allclose(xs[b], one[0], rtol=1e-12, atol=1e-14)
+        assert (np.asarray(frees[b]) == np.asarray(one[1])).all() and int(its_s[b]) == int(one[2])
+        assert abs(float(jnp.sum(xs[b])) - 1) < 1e-12 and float(jnp.min(xs[b])) >= 0
+
 # ------------------------------------------------------------------- EMA
 
 

@@ -23,7 +23,7 @@ def upgrad_weights(gram: jax.Array) -> jax.Array:
   g = _normalized(gram)
   k = g.shape[0]
   units = jnp.eye(k, dtype=g.dtype) / k
-  return jnp.sum(jax.vmap(lambda u: _onto_dual_cone(g, u))(units), axis=0)
+  return jnp.sum(_onto_dual_cone(g, units), axis=0)  # the K problems together
 
 
 def dualproj_weights(gram: jax.Array) -> jax.Array:

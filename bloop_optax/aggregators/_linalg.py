@@ -17,10 +17,11 @@ def _normalized(gram: jax.Array) -> jax.Array:
 def _onto_dual_cone(g: jax.Array, u: jax.Array) -> jax.Array:
   """Weights of the projection of ``J^T u`` onto the dual cone of the rows of
   ``J``: ``argmin_{v >= u} v^T G v``, i.e. ``u`` plus the nonnegative QP in
-  ``x = v - u`` (quadratic ``G``, linear ``G u``). ``G u`` as a sum of
-  products: jax 0.6 refuses a matrix product between an array on an explicit
-  mesh and a constant ``u``."""
-  return u + _qp.nonneg(g, jnp.sum(g * u[None, :], axis=1))
+  ``x = v - u`` (quadratic ``G``, linear ``G u``); ``u`` may be a batch
+  ``[B, K]`` of such problems, solved together. ``G u`` as a sum of products:
+  jax 0.6 refuses a matrix product between an array on an explicit mesh and a
+  constant ``u``."""
+  return u + _qp.nonneg(g, jnp.sum(g * u[..., None, :], axis=-1))
 
 
 def _cosines(g: jax.Array) -> tuple[jax.Array, jax.Array, jax.Array]:
