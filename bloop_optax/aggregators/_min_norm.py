@@ -68,16 +68,18 @@ def cagrad_weights(gram: jax.Array, *, c: jax.typing.ArrayLike = 0.5) -> jax.Arr
   x0 = _qp.min_norm_simplex(g)
   iters = jnp.finfo(dtype).nmant + 10
 
-  def halve(_, carry):
+  def halve(i, carry):
     lo, hi, x, free = carry
     mid = (lo + hi) / 2
     value, x, free = h(mid, x, free)
+    # The last turn only solves at the final bracket's midpoint (one traced QP
+    # for the halvings and the answer).
+    halving = i < iters
     up = value >= 0
-    return jnp.where(up, mid, lo), jnp.where(up, hi, mid), x, free
+    return jnp.where(halving & up, mid, lo), jnp.where(halving & ~up, mid, hi), x, free
 
   hi0 = 2 * longest / safe_radius
-  lo, hi, x, free = lax.fori_loop(0, iters, halve, (jnp.zeros([], dtype), hi0, x0, x0 > 0))
-  _, x, _ = h((lo + hi) / 2, x, free)
+  lo, hi, x, free = lax.fori_loop(0, iters + 1, halve, (jnp.zeros([], dtype), hi0, x0, x0 > 0))
   norm = jnp.sqrt(jnp.maximum(x @ g @ x, 0))
   at_zero = (lo == 0) | ~(norm > jnp.sqrt(jnp.finfo(dtype).eps) * longest)
   corrected = mean + safe_radius / jnp.where(at_zero, 1, norm) * x
