@@ -48,6 +48,11 @@ def pinv_symmetric(m: jax.Array, rtol: jax.Array | float | None = None) -> jax.A
   Eigenvalues with magnitude at most ``rtol`` times the largest count as zero
   (default: the size times the dtype's epsilon, as numpy's ``pinv``).
   """
+  return _pinv_and_eigenvalues(m, rtol)[0]
+
+
+def _pinv_and_eigenvalues(m, rtol=None):
+  """:func:`pinv_symmetric` and the eigenvalues it was taken from."""
   n = m.shape[-1]
   if rtol is None:
     rtol = n * jnp.finfo(m.dtype).eps
@@ -55,7 +60,7 @@ def pinv_symmetric(m: jax.Array, rtol: jax.Array | float | None = None) -> jax.A
   cutoff = rtol * jnp.max(jnp.abs(lam))
   keep = jnp.abs(lam) > cutoff
   inv = jnp.where(keep, 1 / jnp.where(keep, lam, 1), 0)
-  return (vec * inv) @ vec.T
+  return (vec * inv) @ vec.T, lam
 
 
 def _free_set_solution(q, c, free, simplex):
@@ -120,11 +125,16 @@ def _stands(q, free, inv):
   free block), is above 4 times the pseudo-inverse's cutoff (``K + 1`` times
   epsilon times the largest eigenvalue, at most the trace), so the
   pseudo-inverse would keep every eigenvalue and both are one exact inverse."""
-  k = q.shape[0]
   f = free.astype(q.dtype)
   norm = jnp.sqrt(jnp.sum((jnp.outer(f, f) * inv) ** 2))
-  cutoff = (k + 1) * jnp.finfo(q.dtype).eps * jnp.sum(f * jnp.diag(q))
-  return jnp.isfinite(norm) & (4 * cutoff * norm < 1)
+  return jnp.isfinite(norm) & (4 * _cutoff(q, f) * norm < 1)
+
+
+def _cutoff(q, f):
+  """The pseudo-inverse's cutoff on the free block (mask ``f``) bounded above:
+  ``K + 1`` times epsilon times its trace (at least its largest eigenvalue)."""
+  k = q.shape[0]
+  return (k + 1) * jnp.finfo(q.dtype).eps * jnp.sum(f * jnp.diag(q))
 
 
 def _rebuilt(q, free):
@@ -140,14 +150,10 @@ def _rebuilt(q, free):
   both = jnp.outer(f, f)
   top = jnp.max(jnp.diag(q))
   pad = jnp.where(top > 0, top, 1)
-  lam, vec = jnp.linalg.eigh(both * q + jnp.diag((1 - f) * pad))
-  largest = jnp.max(jnp.abs(lam))
-  keep = jnp.abs(lam) > (k + 1) * jnp.finfo(dtype).eps * largest
-  inv = (vec * jnp.where(keep, 1 / jnp.where(keep, lam, 1), 0)) @ vec.T
-  inv = both * inv + jnp.diag(1 - f)
-  cutoff = (k + 1) * jnp.finfo(dtype).eps * jnp.sum(f * jnp.diag(q))
-  stands = jnp.all(jnp.isfinite(lam)) & (jnp.min(lam) > 4 * cutoff)
-  return inv, stands
+  padded = both * q + jnp.diag((1 - f) * pad)
+  inv, lam = _pinv_and_eigenvalues(padded, (k + 1) * jnp.finfo(dtype).eps)
+  stands = jnp.all(jnp.isfinite(lam)) & (jnp.min(lam) > 4 * _cutoff(q, f))
+  return both * inv + jnp.diag(1 - f), stands
 
 
 def _updated(q, free, free_new, inv, valid):
@@ -196,9 +202,7 @@ def _free_set_solutions(q, c, free, inv, valid, simplex):
 
   def rebuild():
     inv_new, stands = jax.vmap(lambda ff: _rebuilt(q, ff))(free)
-    z_new, z_ok = jax.vmap(lambda cc, ff, mm: _solve_with(q, cc, ff, mm, simplex))(
-      c, free, inv_new
-    )
+    z_new, z_ok = jax.vmap(lambda cc, ff, mm: _solve_with(q, cc, ff, mm, simplex))(c, free, inv_new)
     # Without the simplex the KKT matrix is the padded block and the constant 1:
     # its pseudo-inverse's solve is the rebuilt one's, singular or not.
     good = ok | (stands & z_ok) if simplex else jnp.ones_like(ok)

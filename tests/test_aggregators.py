@@ -215,7 +215,6 @@ def test_active_set_ends_well_within_its_budget():
         assert int(its) < _qp.ACTIVE_SET_BUDGET(k) // 2, (k, int(its))
 
 
-
 def _padded_inverse(q, free):
   """NumPy: the inverse of the free block of ``q`` padded with identity rows."""
   a = np.where(np.outer(free, free), q, 0) + np.diag(1.0 - free)
@@ -304,6 +303,7 @@ def test_batched_active_set_equals_each_problem_alone():
         np.testing.assert_allclose(xs[b], one[0], rtol=1e-12, atol=1e-14)
         assert (np.asarray(frees[b]) == np.asarray(one[1])).all() and int(its_s[b]) == int(one[2])
         assert abs(float(jnp.sum(xs[b])) - 1) < 1e-12 and float(jnp.min(xs[b])) >= 0
+
 
 # ------------------------------------------------------------------- EMA
 
