@@ -12,21 +12,23 @@ constraints:
 Both are solved by a primal active-set method (Lawson and Hanson's, extended to
 a general positive semi-definite ``Q`` and an optional equality): the free set
 grows by the index whose gradient most violates optimality, and each step
-solves the equality-constrained problem on the free set exactly. The inverse of
-the free block is carried from one iteration to the next and updated as one
-index enters (a bordered update) or leaves (a rank-one downdate), so an
-iteration costs a few K x K matrix-vector products; each solve is refined once
-against ``Q`` and its residual checked. Where the block is not safely positive
-definite (its smallest eigenvalue near the pseudo-inverse's cutoff: collinear or
-repeated gradients), where several indices change at once, or where a residual
-fails, the inverse is rebuilt from an eigendecomposition and the step solved
-through the pseudo-inverse of the (symmetric) KKT matrix, so singular Gram
-matrices are handled; where both apply they are the same exact inverse. The
-method ends in finitely many steps; it runs in a ``lax.while_loop`` with a
-fixed budget, with no host round trip. Every iterate is feasible. Tolerances
-are relative to the problem's scale (``_tolerance``). Several problems on one
-matrix (UPGrad's K projections) are solved as one batch, and the
-eigendecompositions run only in the iterations where some problem needs them.
+solves the equality-constrained problem on the free set exactly. For small K
+each step solves through the pseudo-inverse of its KKT matrix. From K = 16 on
+(``CARRY_FROM_K``) the inverse of the free block is carried from one iteration
+to the next instead, and updated as one index enters (a bordered update) or
+leaves (a rank-one downdate), so an iteration costs a few K x K matrix-vector
+products; each solve is refined once against ``Q`` and its residual checked.
+Where the block is not safely positive definite (its smallest eigenvalue near
+the pseudo-inverse's cutoff: collinear or repeated gradients), where several
+indices change at once, or where a residual fails, the inverse is rebuilt from
+an eigendecomposition and the step solved through the pseudo-inverse of the
+(symmetric) KKT matrix, so singular Gram matrices are handled; where both apply
+they are the same exact inverse. The method ends in finitely many steps; it runs
+in a ``lax.while_loop`` with a fixed budget, with no host round trip. Every
+iterate is feasible. Tolerances are relative to the problem's scale
+(``_tolerance``). Several problems on one matrix (UPGrad's K projections) are
+solved as one batch, and the eigendecompositions run only in the iterations
+where some problem needs them.
 """
 
 import jax
@@ -36,6 +38,12 @@ import jax.numpy as jnp
 # Iterations of the active-set loop: k adds and at most as many removals per
 # add are typical; 4 K + 8 leaves a wide margin (tests count them).
 ACTIVE_SET_BUDGET = lambda k: 4 * k + 8  # noqa: E731
+
+# From this K on, the active set carries the free block's inverse across its
+# iterations. Below it, each iteration's eigendecomposition of a matrix of at
+# most 16 x 16 costs microseconds, and the simpler loop compiles in half the
+# time.
+CARRY_FROM_K = 16
 
 
 def _tolerance(dtype) -> jax.Array:
@@ -218,7 +226,7 @@ def _free_set_solutions(q, c, free, inv, valid, simplex):
   return lax.cond(jnp.all(ok), lambda: (fast, inv, valid), rebuild)
 
 
-def active_set(q, c, x0, free0, simplex, budget=None):
+def active_set(q, c, x0, free0, simplex, budget=None, carry=None):
   """Solves the QP of the module docstring from a feasible start.
 
   Args:
@@ -229,6 +237,9 @@ def active_set(q, c, x0, free0, simplex, budget=None):
     free0: bool, shaped like ``c``: the start's free set.
     simplex: a Python bool: add the constraint ``sum(x) = 1``.
     budget: the iteration budget (default ``ACTIVE_SET_BUDGET(K)``).
+    carry: a Python bool: carry the free block's inverse across iterations
+      (default: from ``K = CARRY_FROM_K`` on); otherwise each iteration solves
+      through the pseudo-inverse of its KKT matrix. Both give the same steps.
 
   Returns:
     ``(x, free, iterations)``, each with ``c``'s leading shape: the solution,
@@ -238,6 +249,7 @@ def active_set(q, c, x0, free0, simplex, budget=None):
   k = q.shape[0]
   dtype = q.dtype
   budget = ACTIVE_SET_BUDGET(k) if budget is None else budget
+  carry = k >= CARRY_FROM_K if carry is None else carry
   tol = _tolerance(dtype)
   single = jnp.ndim(c) == 1
   c, x0, free0 = (jnp.atleast_2d(a) for a in (c, x0, free0))
@@ -272,37 +284,44 @@ def active_set(q, c, x0, free0, simplex, budget=None):
 
     return lax.cond(jnp.any(blocked), step_back, accept)
 
-  def body(carry):
-    x, free, done, it, inv, valid = carry
-    z, inv, valid = _free_set_solutions(q, c, free, inv, valid, simplex)
+  def body(state):
+    x, free, done, it, inverse = state
+    if carry:
+      z, inv, valid = _free_set_solutions(q, c, free, *inverse, simplex)
+    else:
+      z = jax.vmap(lambda cc, ff: _free_set_solution(q, cc, ff, simplex))(c, free)
     x_new, free_new, done_new = jax.vmap(step)(x, free, z, c, scale)
-    inv_new, valid_new = jax.vmap(lambda f, fn, m, v: _updated(q, f, fn, m, v))(
-      free, free_new, inv, valid
-    )
     frozen = done[:, None]
+    if carry:
+      inv_new, valid_new = jax.vmap(lambda f, fn, m, v: _updated(q, f, fn, m, v))(
+        free, free_new, inv, valid
+      )
+      inverse = (jnp.where(frozen[..., None], inv, inv_new), jnp.where(done, valid, valid_new))
     return (
       jnp.where(frozen, x, x_new),
       jnp.where(frozen, free, free_new),
       done | done_new,
       it + (~done).astype(jnp.int32),
-      jnp.where(frozen[..., None], inv, inv_new),
-      jnp.where(done, valid, valid_new),
+      inverse,
     )
 
-  def cond(carry):
-    _, _, done, it, _, _ = carry
+  def cond(state):
+    _, _, done, it, _ = state
     return ~jnp.all(done) & (jnp.max(it) < budget)
 
   batch = c.shape[0]
+  inverse = (
+    jnp.broadcast_to(jnp.eye(k, dtype=dtype), (batch, k, k)),
+    ~jnp.any(free0, axis=1),  # an empty free block's padded inverse is the identity
+  )
   start = (
     x0.astype(dtype),
     free0,
     jnp.zeros([batch], bool),
     jnp.zeros([batch], jnp.int32),
-    jnp.broadcast_to(jnp.eye(k, dtype=dtype), (batch, k, k)),
-    ~jnp.any(free0, axis=1),  # an empty free block's padded inverse is the identity
+    inverse if carry else (),
   )
-  x, free, _, it, _, _ = lax.while_loop(cond, body, start)
+  x, free, _, it, _ = lax.while_loop(cond, body, start)
   return (x[0], free[0], it[0]) if single else (x, free, it)
 
 

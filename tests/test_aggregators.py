@@ -283,26 +283,29 @@ def test_carried_inverse_solves_as_the_pseudo_inverse_or_is_rebuilt(simplex):
 
 def test_batched_active_set_equals_each_problem_alone():
   """B problems on one Q solved together stop one by one: each ends where it
-  ends alone, with its own iteration count (dependent rows included)."""
+  ends alone, with its own iteration count (dependent rows included), and the
+  carried inverse takes the same steps as the per-iteration pseudo-inverse."""
   rng = np.random.default_rng(17)
-  solve = jax.jit(_qp.active_set, static_argnames="simplex")
+  solve = jax.jit(_qp.active_set, static_argnames=("simplex", "carry"))
   with enable_x64():
     for k, p in [(7, 14), (7, 4)]:
       jac = rng.standard_normal((k, p))
       q = jnp.asarray(jac @ jac.T / np.max(np.sum(jac**2, axis=1)))
       cs = jnp.asarray(rng.standard_normal((5, k)))
       zeros = jnp.zeros([5, k])
-      x, free, its = solve(q, cs, zeros, zeros > 0, simplex=False)
       starts = jnp.eye(k)[:5]
-      xs, frees, its_s = solve(q, cs, starts, starts > 0, simplex=True)
-      for b in range(5):
-        one = solve(q, cs[b], zeros[b], zeros[b] > 0, simplex=False)
-        np.testing.assert_allclose(x[b], one[0], rtol=1e-12, atol=1e-14)
-        assert (np.asarray(free[b]) == np.asarray(one[1])).all() and int(its[b]) == int(one[2])
-        one = solve(q, cs[b], starts[b], starts[b] > 0, simplex=True)
-        np.testing.assert_allclose(xs[b], one[0], rtol=1e-12, atol=1e-14)
-        assert (np.asarray(frees[b]) == np.asarray(one[1])).all() and int(its_s[b]) == int(one[2])
-        assert abs(float(jnp.sum(xs[b])) - 1) < 1e-12 and float(jnp.min(xs[b])) >= 0
+      for simplex, x0 in [(False, zeros), (True, starts)]:
+        x, free, its = solve(q, cs, x0, x0 > 0, simplex=simplex, carry=True)
+        plain = solve(q, cs, x0, x0 > 0, simplex=simplex, carry=False)
+        np.testing.assert_allclose(x, plain[0], rtol=1e-10, atol=1e-12)
+        assert (np.asarray(free) == np.asarray(plain[1])).all()
+        assert (np.asarray(its) == np.asarray(plain[2])).all()
+        for b in range(5):
+          one = solve(q, cs[b], x0[b], x0[b] > 0, simplex=simplex, carry=True)
+          np.testing.assert_allclose(x[b], one[0], rtol=1e-12, atol=1e-14)
+          assert (np.asarray(free[b]) == np.asarray(one[1])).all() and int(its[b]) == int(one[2])
+          if simplex:
+            assert abs(float(jnp.sum(x[b])) - 1) < 1e-12 and float(jnp.min(x[b])) >= 0
 
 
 # ------------------------------------------------------------------- EMA
@@ -581,16 +584,18 @@ def test_gram_equals_the_exact_gram_at_any_scale(scale, form, monkeypatch):
 @pytest.mark.parametrize("name", list(FACTORIES))
 def test_many_objectives_give_the_exact_direction(name, monkeypatch):
   """K = 12 with the Gram matrix in its stacked form (as past
-  MAX_PAIRWISE_REDUCTIONS): the transform under jit equals the rule applied to
-  the exact Gram matrix (1e-4 relative)."""
-  monkeypatch.setattr(bloop_optax._tree_math, "MAX_PAIRWISE_REDUCTIONS", 0)
+  MAX_PAIRWISE_REDUCTIONS) and the QPs' carried inverse (as from
+  CARRY_FROM_K): the transform under jit equals the rule applied to the exact
+  Gram matrix (1e-4 relative)."""
   k = 12
   rng = np.random.default_rng(12)
   grads = tuple(random_tree(rng, scale=float(s)) for s in rng.uniform(0.5, 3, k))
   jac = np.stack([flat(g) for g in grads])
+  want = weights_on_exact_gram(name, jac, k) @ jac  # the QPs' small-K solver
+  monkeypatch.setattr(bloop_optax._tree_math, "MAX_PAIRWISE_REDUCTIONS", 0)
+  monkeypatch.setattr(_qp, "CARRY_FROM_K", 0)  # the QPs' large-K solver at K = 12
   tx = FACTORIES[name](k)
   d, state = jax.jit(tx.update)(grads, tx.init(grads[0]))
-  want = weights_on_exact_gram(name, jac, k) @ jac
   got = flat(d)
   assert np.abs(got - want).max() <= 1e-4 * np.abs(want).max(), name
   assert int(state.skipped_steps) == 0
