@@ -23,10 +23,10 @@ it: its tracked gradients are these EMAs). :func:`cr_mogm` wraps any of them and
 smooths the weights instead. The small problems (MGDA's and UPGrad's quadratic
 programs, CAGrad's inner problem) are solved exactly inside ``jit`` by an
 active-set method with a fixed budget of ``4 K + 8`` iterations, each solving a
-KKT system exactly: from the inverse of the free block, updated as one index
-enters or leaves, where the block's smallest eigenvalue is safely above
-``(K + 1) eps`` of the largest, else through a pseudo-inverse (eigenvalues
-below that count as zero); optimality is tested to ``64 K eps`` of the
+KKT system exactly through a pseudo-inverse (eigenvalues below ``(K + 1) eps``
+of the largest count as zero); from ``K = 16`` on, from the inverse of the free
+block instead, updated as one index enters or leaves, where the block's
+smallest eigenvalue is safely above that cutoff; optimality is tested to ``64 K eps`` of the
 problem's scale; Nash-MTL's and FairGrad's equations by 40 damped Newton steps on an
 equivalent strictly convex problem, to rounding. No host round trip;
 deterministic.
