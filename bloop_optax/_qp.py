@@ -211,16 +211,18 @@ def _free_set_solutions(q, c, free, inv, valid, simplex):
   def rebuild():
     inv_new, stands = jax.vmap(lambda ff: _rebuilt(q, ff))(free)
     z_new, z_ok = jax.vmap(lambda cc, ff, mm: _solve_with(q, cc, ff, mm, simplex))(c, free, inv_new)
-    # Without the simplex the KKT matrix is the padded block and the constant 1:
-    # its pseudo-inverse's solve is the rebuilt one's, singular or not.
-    good = ok | (stands & z_ok) if simplex else jnp.ones_like(ok)
     z = jnp.where(ok[:, None], fast, z_new)
+    # Without the simplex the KKT matrix is the padded block and the constant 1:
+    # its pseudo-inverse's solve is the rebuilt one's, singular or not, so only
+    # the simplex QP needs the KKT pseudo-inverse where a block is (nearly) singular.
+    if simplex:
+      good = ok | (stands & z_ok)
 
-    def exact():
-      slow = jax.vmap(lambda cc, ff: _free_set_solution(q, cc, ff, simplex))(c, free)
-      return jnp.where(good[:, None], z, slow)
+      def exact():
+        slow = jax.vmap(lambda cc, ff: _free_set_solution(q, cc, ff, simplex))(c, free)
+        return jnp.where(good[:, None], z, slow)
 
-    z = lax.cond(jnp.all(good), lambda: z, exact)
+      z = lax.cond(jnp.all(good), lambda: z, exact)
     return z, jnp.where(ok[:, None, None], inv, inv_new), ok | stands
 
   return lax.cond(jnp.all(ok), lambda: (fast, inv, valid), rebuild)

@@ -159,19 +159,21 @@ def linear_combination(coefs: Sequence[jax.Array], trees: Sequence[PyTree]) -> P
   its coefficients.
   """
 
-  stacked: dict[Any, jax.Array] = {}  # the coefficients as one array, per dtype
+  coef_vectors: dict[Any, jax.Array] = {}  # the coefficients as one array, per dtype
 
   def total(w, dtype):
     """The sum of the coefficients at ``w``; where there are many (the zeros
     that K - 1 tasks share at a head), one masked sum of all of them, so that
     the program does not grow as K^2 with K task heads."""
-    if len(w) <= 2:
+    if len(w) == 1:
+      return coefs[w[0]].astype(dtype)
+    if len(w) == 2:
       return sum(coefs[n].astype(dtype) for n in w)
-    if dtype not in stacked:
-      stacked[dtype] = jnp.stack([c.astype(dtype) for c in coefs])
+    if dtype not in coef_vectors:
+      coef_vectors[dtype] = jnp.stack([c.astype(dtype) for c in coefs])
     mask = np.zeros(len(coefs), dtype)
     mask[w] = 1
-    return jnp.sum(stacked[dtype] * mask)
+    return jnp.sum(coef_vectors[dtype] * mask)
 
   def leaf(*xs):
     dtype = wide(*(x.dtype for x in xs))

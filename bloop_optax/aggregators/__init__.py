@@ -26,10 +26,10 @@ active-set method with a fixed budget of ``4 K + 8`` iterations, each solving a
 KKT system exactly through a pseudo-inverse (eigenvalues below ``(K + 1) eps``
 of the largest count as zero); from ``K = 16`` on, from the inverse of the free
 block instead, updated as one index enters or leaves, where the block's
-smallest eigenvalue is safely above that cutoff; optimality is tested to ``64 K eps`` of the
-problem's scale; Nash-MTL's and FairGrad's equations by 40 damped Newton steps on an
-equivalent strictly convex problem, to rounding. No host round trip;
-deterministic.
+smallest eigenvalue is safely above that cutoff; optimality is tested to
+``64 K eps`` of the problem's scale; Nash-MTL's and FairGrad's equations by 40
+damped Newton steps on an equivalent strictly convex problem, to rounding. No
+host round trip; deterministic.
 
 References:
   Hsieh, Thornton, Ndiaye, Klein, Cuturi, Ablin. "Careful with that Scalpel:
