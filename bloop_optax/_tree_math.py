@@ -439,6 +439,7 @@ def all_finite(trees: Sequence[PyTree]) -> jax.Array:
 # of each leaf.
 BLOCK_BYTES = 1 << 19
 MIN_BLOCK = 1024
+SPLIT_ABOVE_K = 8
 
 
 def _block_size(k: int) -> int:
@@ -471,24 +472,52 @@ def _blockwise_product(xs, w, factors) -> jax.Array:
   of each (``[K, block]``, cache-sized) and accumulates its product; the rest
   of the elements is one last block. ``factors``: ``(a, b, back)`` as in
   :func:`_pairwise_rescaled` (each block is scaled by ``a`` then ``b``; the
-  caller applies ``back``), or ``None``."""
+  caller applies ``back``), or ``None``.
+
+  With more than ``SPLIT_ABOVE_K`` trees a block's product is taken in the
+  three parts of a symmetric matrix: the diagonal blocks of the first ``top``
+  trees (a multiple of 8, at least K / 2) and of the rest, and the block
+  between them. That is about three quarters of the full product's
+  multiplications, and XLA:CPU's kernels for rows in multiples of 8 run
+  these parts faster per multiplication too (the K = 12 to 64 Gram matrix of
+  a 64 -> 512 -> 512 trunk in 0.46 to 0.89 of the time). The parts are
+  accumulated apart and joined once.
+  """
   k = len(xs)
   size = _block_size(k)
   flat = [x.reshape(-1) for x in xs]
   count = flat[0].size // size
   done = count * size
+  top = 8 * -(-k // 16) if k > SPLIT_ABOVE_K else k
 
   def product(block):
-    return _self_product(_stack_scaled(block, w, factors)).astype(w)
+    stacked = _stack_scaled(block, w, factors)
+    if top == k:
+      return (_self_product(stacked).astype(w),)
+    first, rest = stacked[:top], stacked[top:]
+    pairs = ((first, first), (first, rest), (rest, rest))
+    return tuple(_cross_product(a, b).astype(w) for a, b in pairs)
 
-  def body(i, total):
+  def add(totals, parts):
+    return tuple(t + p for t, p in zip(totals, parts, strict=True))
+
+  def body(i, totals):
     start = i * size
-    return total + product([lax.dynamic_slice(x, (start,), (size,)) for x in flat])
+    return add(totals, product([lax.dynamic_slice(x, (start,), (size,)) for x in flat]))
 
-  total = lax.fori_loop(0, count, body, jnp.zeros((k, k), w))
+  shapes = [(k, k)] if top == k else [(top, top), (top, k - top), (k - top, k - top)]
+  totals = lax.fori_loop(0, count, body, tuple(jnp.zeros(s, w) for s in shapes))
   if done < flat[0].size:
-    total = total + product([x[done:] for x in flat])
-  return total
+    totals = add(totals, product([x[done:] for x in flat]))
+  if top == k:
+    return totals[0]
+  first, cross, rest = totals
+  return jnp.block([[first, cross], [cross.T, rest]])
+
+
+def _cross_product(a: jax.Array, b: jax.Array) -> jax.Array:
+  """``a @ b.T`` of two ``[n, m]`` blocks at full precision."""
+  return lax.dot_general(a, b, (((1,), (1,)), ((), ())), precision=lax.Precision.HIGHEST)
 
 
 def _self_product(stacked: jax.Array) -> jax.Array:

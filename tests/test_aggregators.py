@@ -540,22 +540,25 @@ def weights_on_exact_gram(name, jac, k):
   return np.asarray(JITTED[name](gram), np.float64)
 
 
-@pytest.mark.parametrize("form", ["pairwise", "stacked", "blockwise"])
+@pytest.mark.parametrize("form", ["pairwise", "stacked", "blockwise", "split"])
 @pytest.mark.parametrize("scale", [1.0, 1e30])
 def test_gram_equals_the_exact_gram_at_any_scale(scale, form, monkeypatch):
   """Every form of the Gram matrix (pairwise sums for at most 4 trees; else one
   stacked product per leaf; on one CPU device, large leaves' products
   accumulated over blocks, here blocks of 2 elements so that leaves of 5, 7
-  and 24 elements end with and without a partial block) equals the float64
-  Gram matrix, also where float32 sums overflow, and NaN inputs are told apart
-  from overflow."""
+  and 24 elements end with and without a partial block, each block's product
+  whole or, past SPLIT_ABOVE_K trees, in the three parts of a symmetric
+  matrix: trees 0-7 with themselves, with 8-11, and 8-11 with themselves)
+  equals the float64 Gram matrix, also where float32 sums overflow, and NaN
+  inputs are told apart from overflow."""
   k = 4 if form == "pairwise" else 12  # the pairwise form is for at most 4 trees
   tree_math = bloop_optax._tree_math
   if form != "pairwise":  # the forms taken for very many objectives or leaves
     monkeypatch.setattr(tree_math, "MAX_PAIRWISE_REDUCTIONS", 0)
-  if form == "blockwise":
+  if form in ("blockwise", "split"):
     monkeypatch.setattr(tree_math, "MIN_BLOCK", 2)
     monkeypatch.setattr(tree_math, "BLOCK_BYTES", 4 * k * 2)
+    monkeypatch.setattr(tree_math, "SPLIT_ABOVE_K", 8 if form == "split" else k)
   else:
     monkeypatch.setattr(tree_math, "_blockwise_here", lambda: False)
   rng = np.random.default_rng(11)
@@ -565,10 +568,13 @@ def test_gram_equals_the_exact_gram_at_any_scale(scale, form, monkeypatch):
   # earlier case traced under other settings.
   gram = jax.jit(lambda trees: tree_math.gram(trees))
   program = gram.lower(trees).as_text()
-  products = re.findall(rf"stablehlo.dot_general.*-> tensor<{k}x{k}x", program)
-  assert bool(products) == (form != "pairwise")
+  products = set(re.findall(r"stablehlo.dot_general.*-> tensor<(\d+x\d+)x", program))
+  if form == "pairwise":
+    assert not products
+  else:  # the leaves of 1 and 3 elements are one product whole
+    assert products == ({f"{k}x{k}", "8x8", "8x4", "4x4"} if form == "split" else {f"{k}x{k}"})
   loops = program.count("stablehlo.while")
-  assert loops == (6 if form == "blockwise" else 0)  # 3 leaves x (fast, rescaled branch)
+  assert loops == (6 if form in ("blockwise", "split") else 0)  # 3 leaves x (fast, rescaled)
   dots = gram(trees)
   exps = np.asarray(dots.exps, np.float64)
   got = np.asarray(dots.values, np.float64) * 2.0 ** (exps[:, None] + exps[None, :])
