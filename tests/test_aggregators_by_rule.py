@@ -227,6 +227,47 @@ def test_the_newton_budget_leaves_a_margin():
         assert np.all(np.abs(half - full) <= tol * scale), (k, dtype)
 
 
+def test_the_newton_iterations_stop_where_the_full_budget_ends():
+  """The early stop (a step that moves every weight by at most a few units of
+  its last place) gives the weights of all FAIR_NEWTON_STEPS steps, on
+  well-posed and ridge-degenerate problems, three alphas, float32 and float64;
+  and on the float64 problems whose gradients are far from collinear it does
+  stop early."""
+  rng = np.random.default_rng(13)
+  jacs = random_jacobians(14, count=20) + [np.stack([G, -G, rng.standard_normal(3)])]
+  alphas = jnp.array([0.5, 1.0, 5.0])
+
+  def run(ulps, dtype, grams):
+    with pytest.MonkeyPatch.context() as mp:
+      mp.setattr(_fairness, "FAIR_STOP_ULPS", ulps)  # -1: never stops early
+      per_alpha = jax.vmap(agg.fairgrad_weights, (None, 0))
+      rule = jax.jit(jax.vmap(per_alpha, (0, None)))
+      return np.asarray(rule(jnp.asarray(np.stack(grams), dtype), alphas.astype(dtype)))
+
+  batches = {}
+  for jac in jacs:
+    batches.setdefault(len(jac), []).append(jac @ jac.T)
+  # float32: the budget test's rounding jitter of converged ridge-degenerate iterates.
+  for dtype, tol in [(jnp.float32, 1e-3), (jnp.float64, 1e-12)]:
+    with enable_x64():
+      for k, grams in batches.items():
+        stopped = run(_fairness.FAIR_STOP_ULPS, dtype, grams)
+        full = run(-1, dtype, grams)
+        scale = np.abs(full).max(axis=-1, keepdims=True)
+        assert np.all(np.abs(stopped - full) <= tol * scale), (k, dtype)
+
+  count = jax.jit(lambda a, p: _fairness._alpha_fair(a, p, count=True)[1])
+  with enable_x64():
+    for jac in jacs:
+      norms = np.linalg.norm(jac, axis=1)
+      cosines = (jac @ jac.T) / np.outer(norms, norms)
+      if np.linalg.eigvalsh(cosines)[0] < 0.1:
+        continue  # nearly collinear: rounding through the Hessian may exceed the stop
+      cosines = jnp.asarray(cosines, jnp.float64)
+      for p in (2.0, 1.0, 0.2):
+        assert int(count(cosines, jnp.float64(p))) < _fairness.FAIR_NEWTON_STEPS, (jac, p)
+
+
 def test_gradvac_rule_equals_the_reference_over_steps():
   """Random targets, orders and gradients for several steps: weights and the
   new targets equal the loop on vectors (float64)."""

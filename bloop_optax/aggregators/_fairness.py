@@ -19,9 +19,12 @@ from bloop_optax.aggregators._linalg import _normalized
 # degenerate directions (opposite or zero gradients) grow geometrically to
 # their size in under 25 (tests check the residual of the defining equation).
 FAIR_NEWTON_STEPS = 40
+# The iterations stop once a step moves every weight by at most this many units
+# of its last place (float epsilon times the weight): converged to rounding.
+FAIR_STOP_ULPS = 4
 
 
-def _alpha_fair(a: jax.Array, p: jax.Array) -> jax.Array:
+def _alpha_fair(a: jax.Array, p: jax.Array, *, count: bool = False) -> Any:
   r"""The :math:`w > 0` with :math:`A w = w^{-p}` (:math:`A` positive definite, :math:`p > 0`).
 
   It is the unique minimiser of the strictly convex
@@ -29,8 +32,16 @@ def _alpha_fair(a: jax.Array, p: jax.Array) -> jax.Array:
   (:math:`\phi = \log` for :math:`p = 1`). Newton steps, each the full step once
   the Newton decrement is below 0.1 and otherwise the longest of
   :math:`1, 1/2, \ldots, 2^{-30}` that stays positive and decreases :math:`f` by a
-  quarter of the predicted amount (Armijo); a fixed number of steps, no host
-  round trip.
+  quarter of the predicted amount (Armijo); no host round trip. At most
+  ``FAIR_NEWTON_STEPS`` steps: the loop stops after a step that moves every
+  weight by at most ``FAIR_STOP_ULPS`` units of its last place, from where the
+  iterates are fixed up to rounding (a step that finds no decrease moves
+  nothing, and so would every later one). A relative test per weight, not one
+  against the largest weight: the ridge's degenerate directions start many
+  orders of magnitude below the others and grow by a factor per step. Where
+  rounding, magnified by a nearly singular Hessian, keeps moving the weights
+  by more, all the steps are taken.
+  ``count``: also return the number of steps taken.
   """
   dtype = a.dtype
   near_log = jnp.abs(1 - p) < 1e-6
@@ -42,7 +53,8 @@ def _alpha_fair(a: jax.Array, p: jax.Array) -> jax.Array:
 
   steps = jnp.exp2(-jnp.arange(31, dtype=dtype))
 
-  def body(_, w):
+  def body(carry):
+    i, w, _ = carry
     grad = a @ w - w ** (-p)
     hess = a + jnp.diag(p * w ** (-p - 1))
     step = -(_qp.pinv_symmetric(hess) @ grad)
@@ -52,10 +64,17 @@ def _alpha_fair(a: jax.Array, p: jax.Array) -> jax.Array:
     values = jax.vmap(f)(jnp.where(inside[:, None], trial, 1))
     good = inside & (values <= f(w) - 0.25 * steps * decrement)
     t = jnp.where((decrement < 0.01) & inside[0], 1, jnp.max(jnp.where(good, steps, 0)))
-    return w + t * step
+    move = t * step
+    return i + 1, w + move, jnp.all(jnp.abs(move) <= FAIR_STOP_ULPS * jnp.finfo(dtype).eps * w)
+
+  def again(carry):
+    i, _, converged = carry
+    return (i < FAIR_NEWTON_STEPS) & ~converged
 
   w0 = jnp.diag(a) ** (-1 / (1 + p))  # exact for orthogonal gradients
-  return lax.fori_loop(0, FAIR_NEWTON_STEPS, body, w0.astype(dtype))
+  start = (jnp.zeros([], jnp.int32), w0.astype(dtype), jnp.zeros([], bool))
+  taken, w, _ = lax.while_loop(again, body, start)
+  return (w, taken) if count else w
 
 
 def _nash_mtl(gram: jax.Array, max_norm: Any, ridge: Any) -> jax.Array:
