@@ -492,10 +492,8 @@ def _blockwise_product(xs, w, factors) -> jax.Array:
 
   def product(block):
     stacked = _stack_scaled(block, w, factors)
-    if top == k:
-      return (_self_product(stacked).astype(w),)
     first, rest = stacked[:top], stacked[top:]
-    pairs = ((first, first), (first, rest), (rest, rest))
+    pairs = ((stacked, stacked),) if top == k else ((first, first), (first, rest), (rest, rest))
     return tuple(_cross_product(a, b).astype(w) for a, b in pairs)
 
   def add(totals, parts):

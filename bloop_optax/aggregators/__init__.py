@@ -27,9 +27,10 @@ KKT system exactly through a pseudo-inverse (eigenvalues below ``(K + 1) eps``
 of the largest count as zero); from ``K = 16`` on, from the inverse of the free
 block instead, updated as one index enters or leaves, where the block's
 smallest eigenvalue is safely above that cutoff; optimality is tested to
-``64 K eps`` of the problem's scale; Nash-MTL's and FairGrad's equations by 40
-damped Newton steps on an equivalent strictly convex problem, to rounding. No
-host round trip; deterministic.
+``64 K eps`` of the problem's scale; Nash-MTL's and FairGrad's equations by at
+most 40 damped Newton steps on an equivalent strictly convex problem, stopping
+once a step moves no weight by more than rounding. No host round trip;
+deterministic.
 
 References:
   Hsieh, Thornton, Ndiaye, Klein, Cuturi, Ablin. "Careful with that Scalpel:
