@@ -65,21 +65,23 @@ def cagrad_weights(gram: jax.Array, *, c: jax.typing.ArrayLike = 0.5) -> jax.Arr
     x, free, _ = _qp.active_set(g, t * gb, x, free, simplex=True)
     return jnp.sqrt(jnp.maximum(x @ g @ x, 0)) - safe_radius * t, x, free
 
-  x0 = _qp.min_norm_simplex(g)
   iters = jnp.finfo(dtype).nmant + 10
 
   def halve(i, carry):
     lo, hi, x, free = carry
-    mid = (lo + hi) / 2
+    # The first turn solves at t = 0 (MGDA's min-norm point, from the best
+    # vertex: the warm start of the halvings), the last at the final bracket's
+    # midpoint: one traced QP for the start, the halvings and the answer.
+    mid = jnp.where(i == 0, 0, (lo + hi) / 2)
     value, x, free = h(mid, x, free)
-    # The last turn only solves at the final bracket's midpoint (one traced QP
-    # for the halvings and the answer).
-    halving = i < iters
+    halving = (i > 0) & (i <= iters)
     up = value >= 0
     return jnp.where(halving & up, mid, lo), jnp.where(halving & ~up, mid, hi), x, free
 
   hi0 = 2 * longest / safe_radius
-  lo, hi, x, free = lax.fori_loop(0, iters + 1, halve, (jnp.zeros([], dtype), hi0, x0, x0 > 0))
+  vertex = (jnp.arange(k) == jnp.argmin(jnp.diag(g))).astype(dtype)
+  start = (jnp.zeros([], dtype), hi0, vertex, vertex > 0)
+  lo, hi, x, free = lax.fori_loop(0, iters + 2, halve, start)
   norm = jnp.sqrt(jnp.maximum(x @ g @ x, 0))
   at_zero = (lo == 0) | ~(norm > jnp.sqrt(jnp.finfo(dtype).eps) * longest)
   corrected = mean + safe_radius / jnp.where(at_zero, 1, norm) * x
