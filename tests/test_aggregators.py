@@ -591,9 +591,9 @@ def test_gram_equals_the_exact_gram_at_any_scale(scale, form, monkeypatch):
 @pytest.mark.parametrize("name", list(FACTORIES))
 def test_many_objectives_give_the_exact_direction(name, monkeypatch):
   """K = 12 with the Gram matrix in its stacked form (as past
-  MAX_PAIRWISE_REDUCTIONS) and the QPs' carried inverse (as from
-  CARRY_FROM_K): the transform under jit equals the rule applied to the exact
-  Gram matrix (1e-4 relative)."""
+  MAX_PAIRWISE_REDUCTIONS) and the QPs' carried inverse (as from CARRY_FROM_K
+  and CARRY_SINGLE_FROM_K): the transform under jit equals the rule applied to
+  the exact Gram matrix (1e-4 relative)."""
   k = 12
   rng = np.random.default_rng(12)
   grads = tuple(random_tree(rng, scale=float(s)) for s in rng.uniform(0.5, 3, k))
@@ -601,6 +601,7 @@ def test_many_objectives_give_the_exact_direction(name, monkeypatch):
   want = weights_on_exact_gram(name, jac, k) @ jac  # the QPs' small-K solver
   monkeypatch.setattr(bloop_optax._tree_math, "MAX_PAIRWISE_REDUCTIONS", 0)
   monkeypatch.setattr(_qp, "CARRY_FROM_K", 0)  # the QPs' large-K solver at K = 12
+  monkeypatch.setattr(_qp, "CARRY_SINGLE_FROM_K", 0)
   tx = FACTORIES[name](k)
   d, state = jax.jit(tx.update)(grads, tx.init(grads[0]))
   got = flat(d)
