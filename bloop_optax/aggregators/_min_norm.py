@@ -43,7 +43,9 @@ def cagrad_weights(gram: jax.Array, *, c: jax.typing.ArrayLike = 0.5) -> jax.Arr
   The inner problem is solved through its fixed point: ``w*`` is the point of
   the convex hull nearest to ``-t g_0`` (a simplex QP) at the root :math:`t` of
   :math:`|g_w(t)| = c |g_0| t`, found by bisection over a bracket that contains
-  it (``mantissa bits + 10`` halvings, each QP warm-started). When :math:`g_0 = 0`
+  it (``mantissa bits + 10`` halvings, each QP warm-started; once both ends of
+  the bracket share the QP's free set, the solution is affine in :math:`t` there
+  and the remaining halvings take no QP). When :math:`g_0 = 0`
   or :math:`c = 0`, :math:`d = g_0`. When :math:`g_w^* = 0` (0 on the hull's boundary, or
   :math:`c \ge 1`), :math:`d` is undefined; like the reference implementation of
   Jacobian descent (TorchJD), the weights are then 0. :math:`|g_w^*|` counts as 0
@@ -66,24 +68,63 @@ def cagrad_weights(gram: jax.Array, *, c: jax.typing.ArrayLike = 0.5) -> jax.Arr
     return jnp.sqrt(jnp.maximum(x @ g @ x, 0)) - safe_radius * t, x, free
 
   iters = jnp.finfo(dtype).nmant + 10
-
-  def halve(i, carry):
-    lo, hi, x, free = carry
-    # The first turn solves at t = 0 (MGDA's min-norm point, from the best
-    # vertex: the warm start of the halvings), the last at the final bracket's
-    # midpoint: one traced QP for the start, the halvings and the answer.
-    mid = jnp.where(i == 0, 0, (lo + hi) / 2)
-    value, x, free = h(mid, x, free)
-    halving = (i > 0) & (i <= iters)
-    up = value >= 0
-    return jnp.where(halving & up, mid, lo), jnp.where(halving & ~up, mid, hi), x, free
-
   hi0 = 2 * longest / safe_radius
+
+  def turn(state):
+    i, lo, hi, x_lo, free_lo, x_hi, free_hi, x, free = state
+    # Turn 0 solves at t = 0 (MGDA's min-norm point, from the best vertex),
+    # turn 1 at the bracket's top, each later turn at its midpoint, each
+    # warm-started from the last solution: one traced QP for all of them.
+    t = jnp.where(i == 0, 0, jnp.where(i == 1, hi0, (lo + hi) / 2))
+    value, x, free = h(t, x, free)
+    halving = i > 1
+    up = halving & (value >= 0)
+    down = halving & ~(value >= 0)
+    to_lo, to_hi = up | (i == 0), down | (i == 1)
+    return (
+      i + 1,
+      jnp.where(up, t, lo),
+      jnp.where(down, t, hi),
+      jnp.where(to_lo, x, x_lo),
+      jnp.where(to_lo, free, free_lo),
+      jnp.where(to_hi, x, x_hi),
+      jnp.where(to_hi, free, free_hi),
+      x,
+      free,
+    )
+
+  def halving_on(state):
+    # Halve until the bracket's ends share their free set (then the solution
+    # is affine in t between them) or the halvings run out.
+    i, _, _, _, free_lo, _, free_hi, _, _ = state
+    return (i < 2) | ((i < iters + 2) & jnp.any(free_lo != free_hi))
+
   vertex = (jnp.arange(k) == jnp.argmin(jnp.diag(g))).astype(dtype)
-  start = (jnp.zeros([], dtype), hi0, vertex, vertex > 0)
-  lo, hi, x, free = lax.fori_loop(0, iters + 2, halve, start)
+  zero = jnp.zeros([], dtype)
+  start = (jnp.zeros([], jnp.int32), zero, hi0, vertex, vertex > 0, vertex, vertex > 0)
+  i, lo, hi, x_lo, _, x_hi, _, _, _ = lax.while_loop(halving_on, turn, (*start, vertex, vertex > 0))
+  # Between lo and hi the QP's solution is x_lo + s (x_hi - x_lo), s = (t - lo) /
+  # (hi - lo): both ends satisfy the optimality conditions of one free set,
+  # which are linear in t, and so does every point between them. The rest of
+  # the halvings take |g_w(t)|^2, a quadratic in s, without a QP.
+  base, width = lo, jnp.where(hi > lo, hi - lo, 1)
+  step = x_hi - x_lo
+  q0, q1, q2 = x_lo @ g @ x_lo, x_lo @ g @ step, step @ g @ step
+
+  def interpolated(t):
+    s = (t - base) / width
+    return x_lo + s * step, jnp.sqrt(jnp.maximum(q0 + s * (2 * q1 + s * q2), 0))
+
+  def halve(_, bracket):
+    a, b = bracket
+    mid = (a + b) / 2
+    up = interpolated(mid)[1] - safe_radius * mid >= 0
+    return jnp.where(up, mid, a), jnp.where(up, b, mid)
+
+  bottom, top = lax.fori_loop(i - 2, iters, halve, (lo, hi))
+  x, _ = interpolated((bottom + top) / 2)
   norm = jnp.sqrt(jnp.maximum(x @ g @ x, 0))
-  at_zero = (lo == 0) | ~(norm > jnp.sqrt(jnp.finfo(dtype).eps) * longest)
+  at_zero = (bottom == 0) | ~(norm > jnp.sqrt(jnp.finfo(dtype).eps) * longest)
   corrected = mean + safe_radius / jnp.where(at_zero, 1, norm) * x
   return jnp.where(live, jnp.where(at_zero, jnp.zeros_like(mean), corrected), mean)
 
