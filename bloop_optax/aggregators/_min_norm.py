@@ -106,16 +106,15 @@ def cagrad_weights(gram: jax.Array, *, c: jax.typing.ArrayLike = 0.5) -> jax.Arr
   # Between lo and hi the QP's solution is x_lo + s (x_hi - x_lo), s = (t - lo) /
   # (hi - lo): both ends satisfy the optimality conditions of one free set,
   # which are linear in t, and so does every point between them. The rest of
-  # the halvings take |g_w(t)|^2, a quadratic in s, without a QP. (Where the
+  # the halvings take |g_w(t)| along that segment, without a QP. (Where the
   # halvings ran out first, the bracket is already as narrow as the bisection
   # makes it, and the segment between its ends stands for the solution there.)
   base, width = lo, jnp.where(hi > lo, hi - lo, 1)
   step = x_hi - x_lo
-  q0, q1, q2 = x_lo @ g @ x_lo, x_lo @ g @ step, step @ g @ step
 
   def interpolated(t):
-    s = (t - base) / width
-    return x_lo + s * step, jnp.sqrt(jnp.maximum(q0 + s * (2 * q1 + s * q2), 0))
+    x = x_lo + (t - base) / width * step
+    return x, jnp.sqrt(jnp.maximum(x @ g @ x, 0))
 
   def halve(_, bracket):
     a, b = bracket
