@@ -301,11 +301,10 @@ def _stacked(per_leaf, pairs, k, dtype, scales=None) -> jax.Array:
   stacked leaves are a temporary as large as the K trees). ``scales`` as in
   :func:`_pairwise_rescaled`."""
   total = jnp.zeros((k, k), dtype)
-  blockwise = _blockwise_here()
   for n, xs in enumerate(per_leaf):
     w = wide(*(x.dtype for x in xs))
     factors = None if scales is None else tuple(f[:, n].astype(w) for f in scales)
-    if blockwise and 2 * _block_size(k) <= xs[0].size < 2**31:  # int32 offsets
+    if _takes_blocks(k, xs[0].size):
       part = _blockwise_product(xs, w, factors)
     else:
       part = _self_product(_stack_scaled(xs, w, factors)).astype(w)
@@ -411,7 +410,7 @@ def _leaf_maxima(xs, dtype) -> jax.Array:
   branch compile in longer than the ordinary one. Otherwise each is a scalar
   (no temporary; across devices only scalars are all-reduced)."""
   unique, where = distinct(xs)
-  if len(unique) > 1 and _blockwise_here() and 2 * _block_size(len(unique)) <= xs[0].size < 2**31:
+  if len(unique) > 1 and _takes_blocks(len(unique), xs[0].size):
     maxima = list(_blockwise_maxima(unique, dtype))
   else:
     maxima = [jnp.max(jnp.abs(x), initial=0).astype(dtype) for x in unique]
@@ -422,22 +421,11 @@ def _leaf_maxima(xs, dtype) -> jax.Array:
 def _blockwise_maxima(xs, dtype) -> jax.Array:
   """``[len(xs)]``: the largest magnitude of each array ``xs`` (one shape), as
   ``dtype``, a block of each at a time."""
-  size = _block_size(len(xs))
-  flat = [x.reshape(-1) for x in xs]
-  count = flat[0].size // size
-  done = count * size
 
-  def block_max(block):
-    return jnp.max(jnp.abs(jnp.stack(block)).astype(dtype), axis=1, initial=0)
+  def step(maxima, block):
+    return jnp.maximum(maxima, jnp.max(jnp.abs(jnp.stack(block)).astype(dtype), axis=1, initial=0))
 
-  def body(i, maxima):
-    start = i * size
-    return jnp.maximum(maxima, block_max([lax.dynamic_slice(x, (start,), (size,)) for x in flat]))
-
-  maxima = lax.fori_loop(0, count, body, jnp.zeros([len(xs)], dtype))
-  if done < flat[0].size:
-    maxima = jnp.maximum(maxima, block_max([x[done:] for x in flat]))
-  return maxima
+  return _fold_blocks(xs, step, jnp.zeros([len(xs)], dtype))
 
 
 def scaled_ratio(num: jax.Array, den: jax.Array, exp: jax.Array) -> jax.Array:
@@ -484,6 +472,31 @@ def _blockwise_here() -> bool:
   return jax.default_backend() == "cpu" and jax.device_count() == 1
 
 
+def _takes_blocks(k: int, size: int) -> bool:
+  """Whether a leaf of ``size`` elements of K trees is read a block at a time:
+  on one CPU device, when it holds at least two blocks (and int32 offsets)."""
+  return _blockwise_here() and 2 * _block_size(k) <= size < 2**31
+
+
+def _fold_blocks(xs, step, init):
+  """``step(carry, block)`` over the arrays ``xs`` (one shape) flattened, a
+  cache-sized block of each at a time (``block``: one slice of each, in a
+  ``fori_loop``), then over the rest of their elements as one last block."""
+  size = _block_size(len(xs))
+  flat = [x.reshape(-1) for x in xs]
+  count = flat[0].size // size
+  done = count * size
+
+  def body(i, carry):
+    start = i * size
+    return step(carry, [lax.dynamic_slice(x, (start,), (size,)) for x in flat])
+
+  carry = lax.fori_loop(0, count, body, init)
+  if done < flat[0].size:
+    carry = step(carry, [x[done:] for x in flat])
+  return carry
+
+
 def _stack_scaled(xs, w, factors) -> jax.Array:
   """The arrays ``xs`` as ``w``, stacked, each scaled by its ``a`` then its ``b``
   (``factors``, as in :func:`_pairwise_rescaled`; ``None``: not scaled)."""
@@ -512,29 +525,17 @@ def _blockwise_product(xs, w, factors) -> jax.Array:
   accumulated apart and joined once.
   """
   k = len(xs)
-  size = _block_size(k)
-  flat = [x.reshape(-1) for x in xs]
-  count = flat[0].size // size
-  done = count * size
   top = 8 * -(-k // 16) if k > SPLIT_ABOVE_K else k
 
-  def product(block):
+  def step(totals, block):
     stacked = _stack_scaled(block, w, factors)
     first, rest = stacked[:top], stacked[top:]
     pairs = ((stacked, stacked),) if top == k else ((first, first), (first, rest), (rest, rest))
-    return tuple(_cross_product(a, b).astype(w) for a, b in pairs)
-
-  def add(totals, parts):
+    parts = (_cross_product(a, b).astype(w) for a, b in pairs)
     return tuple(t + p for t, p in zip(totals, parts, strict=True))
 
-  def body(i, totals):
-    start = i * size
-    return add(totals, product([lax.dynamic_slice(x, (start,), (size,)) for x in flat]))
-
   shapes = [(k, k)] if top == k else [(top, top), (top, k - top), (k - top, k - top)]
-  totals = lax.fori_loop(0, count, body, tuple(jnp.zeros(s, w) for s in shapes))
-  if done < flat[0].size:
-    totals = add(totals, product([x[done:] for x in flat]))
+  totals = _fold_blocks(xs, step, tuple(jnp.zeros(s, w) for s in shapes))
   if top == k:
     return totals[0]
   first, cross, rest = totals
