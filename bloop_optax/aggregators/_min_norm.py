@@ -100,9 +100,9 @@ def cagrad_weights(gram: jax.Array, *, c: jax.typing.ArrayLike = 0.5) -> jax.Arr
     return (i < 2) | ((i < iters + 2) & jnp.any(free_lo != free_hi))
 
   vertex = (jnp.arange(k) == jnp.argmin(jnp.diag(g))).astype(dtype)
-  zero = jnp.zeros([], dtype)
-  start = (jnp.zeros([], jnp.int32), zero, hi0, vertex, vertex > 0, vertex, vertex > 0)
-  i, lo, hi, x_lo, _, x_hi, _, _, _ = lax.while_loop(halving_on, turn, (*start, vertex, vertex > 0))
+  ends = (vertex, vertex > 0)  # each end's solution and free set, and the last ones
+  start = (jnp.zeros([], jnp.int32), jnp.zeros([], dtype), hi0, *ends, *ends, *ends)
+  i, lo, hi, x_lo, _, x_hi, _, _, _ = lax.while_loop(halving_on, turn, start)
   # Between lo and hi the QP's solution is x_lo + s (x_hi - x_lo), s = (t - lo) /
   # (hi - lo): both ends satisfy the optimality conditions of one free set,
   # which are linear in t, and so does every point between them. The rest of
@@ -123,8 +123,7 @@ def cagrad_weights(gram: jax.Array, *, c: jax.typing.ArrayLike = 0.5) -> jax.Arr
     return jnp.where(up, mid, a), jnp.where(up, b, mid)
 
   bottom, top = lax.fori_loop(i - 2, iters, halve, (lo, hi))
-  x, _ = interpolated((bottom + top) / 2)
-  norm = jnp.sqrt(jnp.maximum(x @ g @ x, 0))
+  x, norm = interpolated((bottom + top) / 2)
   at_zero = (bottom == 0) | ~(norm > jnp.sqrt(jnp.finfo(dtype).eps) * longest)
   corrected = mean + safe_radius / jnp.where(at_zero, 1, norm) * x
   return jnp.where(live, jnp.where(at_zero, jnp.zeros_like(mean), corrected), mean)
