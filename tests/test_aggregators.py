@@ -563,10 +563,22 @@ def test_gram_equals_the_exact_gram_at_any_scale(scale, form, monkeypatch):
     monkeypatch.setattr(tree_math, "_blockwise_here", lambda: False)
   rng = np.random.default_rng(11)
   trees = tuple(random_tree(rng, scale=scale * float(s)) for s in rng.uniform(0.1, 3, k))
-  jac = np.stack([flat(t) for t in trees])
+
+  def share(trees):
+    """Trees 0 and 1 with one array at their first leaf (as value_and_grads'
+    losses share a zero array), 1e20 times smaller than the other trees' there:
+    every tree's leaf must still be scaled by its own maximum (a tree given the
+    shared array's scale overflows)."""
+    leaves, treedef = jax.tree.flatten(trees[0])
+    first = [leaves[0] * 1e-20]
+    pair = tuple(jax.tree.unflatten(treedef, first + jax.tree.leaves(t)[1:]) for t in trees[:2])
+    return pair + tuple(trees[2:])
+
+  jac = np.stack([flat(t) for t in share(trees)])
   # A function of its own: jax.jit(tree_math.gram) would reuse the program that an
-  # earlier case traced under other settings.
-  gram = jax.jit(lambda trees: tree_math.gram(trees))
+  # earlier case traced under other settings. The shared array is made inside it
+  # (arguments are distinct arrays there even when they are one object outside).
+  gram = jax.jit(lambda trees: tree_math.gram(share(trees)))
   program = gram.lower(trees).as_text()
   products = set(re.findall(r"stablehlo.dot_general.*-> tensor<(\d+x\d+)x", program))
   if form == "pairwise":
