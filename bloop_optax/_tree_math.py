@@ -405,16 +405,16 @@ def _leaf_maxima(xs, dtype) -> jax.Array:
   """``[K]``: the largest magnitude of one leaf of each of the K trees (an array
   several trees share reduced once). On one CPU device, the distinct arrays'
   maxima of a leaf of at least two blocks are taken together, a cache-sized
-  block of each at a time (as :func:`_blockwise_product` reads them); many
-  copies of a small leaf (:func:`stack_small`) are stacked and reduced at once.
-  Either is one operation rather than one reduction per tree, whose count
-  made this rarely taken branch compile in longer than the ordinary one.
-  Otherwise each is a scalar (no temporary; across devices only scalars are
+  block of each at a time (as :func:`_blockwise_product` reads them), and
+  many copies of a small leaf (:func:`stack_small`) are stacked and reduced at
+  once: one operation rather than one reduction per tree, whose count made
+  this rarely taken branch compile in longer than the ordinary one. Otherwise
+  each is a scalar (no temporary; across devices only scalars are
   all-reduced)."""
   unique, where = distinct(xs)
   if len(unique) > 1 and _takes_blocks(len(unique), xs[0].size):
     maxima = _blockwise_maxima(unique, dtype)
-  elif stack_small(unique):
+  elif _blockwise_here() and stack_small(unique):
     stacked = jnp.stack([x.astype(dtype).reshape(-1) for x in unique])
     maxima = jnp.max(jnp.abs(stacked), axis=1, initial=0)
   else:
