@@ -415,8 +415,7 @@ def _leaf_maxima(xs, dtype) -> jax.Array:
   if len(unique) > 1 and _takes_blocks(len(unique), xs[0].size):
     maxima = _blockwise_maxima(unique, dtype)
   elif _blockwise_here() and stack_small(unique):
-    stacked = jnp.stack([x.astype(dtype).reshape(-1) for x in unique])
-    maxima = jnp.max(jnp.abs(stacked), axis=1, initial=0)
+    maxima = _row_maxima(unique, dtype)
   else:
     maxima = jnp.stack([jnp.max(jnp.abs(x), initial=0).astype(dtype) for x in unique])
   if len(unique) == len(xs):  # distinct keeps the order
@@ -425,12 +424,17 @@ def _leaf_maxima(xs, dtype) -> jax.Array:
   return maxima[np.array([owner[n] for n in range(len(xs))])]
 
 
-def _blockwise_maxima(xs, dtype) -> jax.Array:
+def _row_maxima(xs, dtype) -> jax.Array:
   """``[len(xs)]``: the largest magnitude of each array ``xs`` (one shape), as
-  ``dtype``, a block of each at a time."""
+  ``dtype``, from their stacked copies."""
+  return jnp.max(jnp.abs(jnp.stack([x.reshape(-1) for x in xs])).astype(dtype), axis=1, initial=0)
+
+
+def _blockwise_maxima(xs, dtype) -> jax.Array:
+  """:func:`_row_maxima`, a block of each array at a time."""
 
   def step(maxima, block):
-    return jnp.maximum(maxima, jnp.max(jnp.abs(jnp.stack(block)).astype(dtype), axis=1, initial=0))
+    return jnp.maximum(maxima, _row_maxima(block, dtype))
 
   return _fold_blocks(xs, step, jnp.zeros([len(xs)], dtype))
 
