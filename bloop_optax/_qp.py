@@ -199,6 +199,29 @@ def _updated(q, free, free_new, inv, valid):
   return new, valid & possible & _stands(q, free_new, new)
 
 
+def start_inverse(q, free):
+  """``A_F^-1`` of a start's free set where it is known without a factorisation,
+  and whether it stands: the identity for an empty free set (UPGrad's start at
+  0), ``1 / Q_jj`` on the diagonal for a single free index ``j`` (MGDA's start
+  at a vertex) when ``Q_jj > 0``. Any other start is marked invalid and rebuilt
+  at the first iteration. On a CPU the rebuild's eigendecomposition runs in the
+  LAPACK that jax calls, whose threads can keep spinning for a while after it
+  returns and slow the rest of a training step down, so the common starts avoid
+  it."""
+  k = q.shape[0]
+  dtype = q.dtype
+  count = jnp.sum(free)
+  j = jnp.argmax(free)
+  e_j = (jnp.arange(k) == j).astype(dtype)
+  pivot = q[j, j]
+  single = (count == 1) & (pivot > 0)
+  inv = jnp.eye(k, dtype=dtype) + jnp.where(
+    single, 1 / jnp.where(single, pivot, 1) - 1, 0
+  ) * jnp.outer(e_j, e_j)
+  valid = (count == 0) | (single & _stands(q, free, inv))
+  return inv, valid
+
+
 def _free_set_solutions(q, c, free, inv, valid, simplex):
   """:func:`_free_set_solution` for a batch of problems ``c``, ``free``
   (``[B, K]``) on one ``q``, from each problem's carried inverse ``inv``
@@ -233,7 +256,7 @@ def _free_set_solutions(q, c, free, inv, valid, simplex):
   return lax.cond(jnp.all(ok), lambda: (fast, inv, valid), rebuild)
 
 
-def active_set(q, c, x0, free0, simplex, budget=None, carry=None):
+def active_set(q, c, x0, free0, simplex, budget=None, carry=None, inverse0=None):
   """Solves the QP of the module docstring from a feasible start.
 
   Args:
@@ -248,11 +271,17 @@ def active_set(q, c, x0, free0, simplex, budget=None, carry=None):
       (default: from ``K = CARRY_FROM_K`` on for a batch of problems, from
       ``CARRY_SINGLE_FROM_K`` for one); otherwise each iteration solves through
       the pseudo-inverse of its KKT matrix. Both give the same steps.
+    inverse0: with ``carry``, the start's carried inverse and whether it is
+      valid, as an earlier call returned it for the free set ``free0``
+      (warm starts: CAGrad's sequence of problems on one ``q``); ``None``:
+      known only for a start with at most one free index, else rebuilt.
 
   Returns:
-    ``(x, free, iterations)``, each with ``c``'s leading shape: the solution,
-    its free set, and the number of iterations used (``budget`` if the budget
-    ran out; ``x`` is then the last feasible iterate).
+    ``(x, free, iterations, inverse)``, each with ``c``'s leading shape: the
+    solution, its free set, the number of iterations used (``budget`` if the
+    budget ran out; ``x`` is then the last feasible iterate), and with
+    ``carry`` the carried inverse of that free set and whether it is valid
+    (``()`` without).
   """
   k = q.shape[0]
   dtype = q.dtype
@@ -319,19 +348,26 @@ def active_set(q, c, x0, free0, simplex, budget=None, carry=None):
     return ~jnp.all(done) & (jnp.max(it) < budget)
 
   batch = c.shape[0]
-  inverse = (
-    jnp.broadcast_to(jnp.eye(k, dtype=dtype), (batch, k, k)),
-    ~jnp.any(free0, axis=1),  # an empty free block's padded inverse is the identity
-  )
+  if not carry:
+    inverse = ()
+  elif inverse0 is None:
+    inverse = jax.vmap(lambda f: start_inverse(q, f))(free0)
+  else:
+    inverse = tuple(
+      jnp.reshape(a, (batch, *jnp.shape(a)[jnp.ndim(a) - b :]))
+      for a, b in zip(inverse0, (2, 0), strict=True)
+    )
   start = (
     x0.astype(dtype),
     free0,
     jnp.zeros([batch], bool),
     jnp.zeros([batch], jnp.int32),
-    inverse if carry else (),
+    inverse,
   )
-  x, free, _, it, _ = lax.while_loop(cond, body, start)
-  return (x[0], free[0], it[0]) if single else (x, free, it)
+  x, free, _, it, inverse = lax.while_loop(cond, body, start)
+  if single:
+    return x[0], free[0], it[0], tuple(a[0] for a in inverse)
+  return x, free, it, inverse
 
 
 def min_norm_simplex(q, c=None):

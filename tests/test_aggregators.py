@@ -208,10 +208,10 @@ def test_active_set_ends_well_within_its_budget():
         q = jnp.asarray(jac @ jac.T)
         q = q / jnp.max(jnp.diag(q))
         x0 = jnp.zeros([k]).at[0].set(1)
-        _, _, its = solve(q, jnp.zeros([k]), x0, x0 > 0, simplex=True)
+        _, _, its, _ = solve(q, jnp.zeros([k]), x0, x0 > 0, simplex=True)
         assert int(its) < _qp.ACTIVE_SET_BUDGET(k) // 2, (k, int(its))
         u = jnp.eye(k)[0] / k
-        _, _, its = solve(q, q @ u, jnp.zeros([k]), jnp.zeros([k], bool), simplex=False)
+        _, _, its, _ = solve(q, q @ u, jnp.zeros([k]), jnp.zeros([k], bool), simplex=False)
         assert int(its) < _qp.ACTIVE_SET_BUDGET(k) // 2, (k, int(its))
 
 
@@ -274,6 +274,23 @@ def test_carried_inverse_solves_as_the_pseudo_inverse_or_is_rebuilt(simplex):
         both = free.copy()
         both[:2] = ~both[:2]  # two indices at once: rebuilt at the next iteration
         assert not bool(updated(jnp.asarray(q), jnp.asarray(free), jnp.asarray(both), inv, True)[1])
+    # A start's inverse without a factorisation: exact for no free index or one
+    # with a positive diagonal entry, invalid (rebuilt) otherwise.
+    start = jax.jit(_qp.start_inverse)
+    q = np.diag([2.0, 0.0, 0.5]) + 0.1 * np.ones((3, 3))
+    q[1, 1] = 0.0
+    for free, stands in [
+      ([0, 0, 0], True),
+      ([1, 0, 0], True),
+      ([0, 0, 1], True),
+      ([0, 1, 0], False),
+      ([1, 0, 1], False),
+    ]:
+      free = np.asarray(free, bool)
+      inv, valid = start(jnp.asarray(q), jnp.asarray(free))
+      assert bool(valid) == stands, free
+      if stands:
+        np.testing.assert_allclose(inv, _padded_inverse(q, free), rtol=1e-15)
     # A positive definite block whose smallest eigenvalue is below the
     # pseudo-inverse's cutoff (which drops it): its exact inverse does not stand.
     q = jnp.diag(jnp.asarray([1.0, 0.5, 1e-17, 1e-6]))
@@ -295,7 +312,7 @@ def test_batched_active_set_equals_each_problem_alone():
       zeros = jnp.zeros([5, k])
       starts = jnp.eye(k)[:5]
       for simplex, x0 in [(False, zeros), (True, starts)]:
-        x, free, its = solve(q, cs, x0, x0 > 0, simplex=simplex, carry=True)
+        x, free, its, _ = solve(q, cs, x0, x0 > 0, simplex=simplex, carry=True)
         plain = solve(q, cs, x0, x0 > 0, simplex=simplex, carry=False)
         np.testing.assert_allclose(x, plain[0], rtol=1e-10, atol=1e-12)
         assert (np.asarray(free) == np.asarray(plain[1])).all()

@@ -63,20 +63,22 @@ def cagrad_weights(gram: jax.Array, *, c: jax.typing.ArrayLike = 0.5) -> jax.Arr
   live = radius > 0
   safe_radius = jnp.where(live, radius, 1)
 
-  def h(t, x, free):
-    x, free, _ = _qp.active_set(g, t * gb, x, free, simplex=True)
-    return jnp.sqrt(jnp.maximum(x @ g @ x, 0)) - safe_radius * t, x, free
+  def h(t, x, free, inverse):
+    # Each QP starts from the last one's solution and, for a large K, the
+    # inverse of its free block (so no eigendecomposition is needed to start).
+    x, free, _, inverse = _qp.active_set(g, t * gb, x, free, simplex=True, inverse0=inverse or None)
+    return jnp.sqrt(jnp.maximum(x @ g @ x, 0)) - safe_radius * t, x, free, inverse
 
   iters = jnp.finfo(dtype).nmant + 10
   hi0 = 2 * longest / safe_radius
 
   def turn(state):
-    i, lo, hi, x_lo, free_lo, x_hi, free_hi, x, free = state
+    i, lo, hi, x_lo, free_lo, x_hi, free_hi, x, free, inverse = state
     # Turn 0 solves at t = 0 (MGDA's min-norm point, from the best vertex),
     # turn 1 at the bracket's top, each later turn at its midpoint, each
     # warm-started from the last solution: one traced QP for all of them.
     t = jnp.where(i == 0, 0, jnp.where(i == 1, hi0, (lo + hi) / 2))
-    value, x, free = h(t, x, free)
+    value, x, free, inverse = h(t, x, free, inverse)
     halving = i > 1
     up = halving & (value >= 0)
     down = halving & ~(value >= 0)
@@ -91,18 +93,20 @@ def cagrad_weights(gram: jax.Array, *, c: jax.typing.ArrayLike = 0.5) -> jax.Arr
       jnp.where(to_hi, free, free_hi),
       x,
       free,
+      inverse,
     )
 
   def halving_on(state):
     # Halve until the bracket's ends share their free set (then the solution
     # is affine in t between them) or the halvings run out.
-    i, _, _, _, free_lo, _, free_hi, _, _ = state
+    i, _, _, _, free_lo, _, free_hi, _, _, _ = state
     return (i < 2) | ((i < iters + 2) & jnp.any(free_lo != free_hi))
 
   vertex = (jnp.arange(k) == jnp.argmin(jnp.diag(g))).astype(dtype)
   ends = (vertex, vertex > 0)  # each end's solution and free set, and the last ones
-  start = (jnp.zeros([], jnp.int32), jnp.zeros([], dtype), hi0, *ends, *ends, *ends)
-  i, lo, hi, x_lo, _, x_hi, _, _, _ = lax.while_loop(halving_on, turn, start)
+  inverse = _qp.start_inverse(g, vertex > 0) if k >= _qp.CARRY_SINGLE_FROM_K else ()
+  start = (jnp.zeros([], jnp.int32), jnp.zeros([], dtype), hi0, *ends, *ends, *ends, inverse)
+  i, lo, hi, x_lo, _, x_hi, _, _, _, _ = lax.while_loop(halving_on, turn, start)
   # Between lo and hi the QP's solution is x_lo + s (x_hi - x_lo), s = (t - lo) /
   # (hi - lo): both ends satisfy the optimality conditions of one free set,
   # which are linear in t, and so does every point between them. The rest of
