@@ -13,6 +13,12 @@ and compile the step, and XLA's cost figures of the compiled step (bytes
 accessed and flops from ``cost_analysis()``, which counts both sides of the
 overflow branch, and the number of fusions).
 
+Where threadpoolctl is installed (with scikit-learn), each round also times
+each of our steps with the BLAS and LAPACK libraries of the process on one
+thread (``ms_blas1``; ``--no-blas-limit`` skips it): jax's CPU
+eigendecompositions run in scipy's OpenBLAS, whose threads keep spinning after
+a call and slow the rest of the step down.
+
 ``<rule>:features`` (by default for ``mean``, ``mgda`` and ``upgrad``) is the same
 step with MGDA-UB's features Jacobian: the weights are decided from the K
 gradients of the losses with respect to the trunk's output, and the direction
@@ -169,7 +175,23 @@ def our_step(name, k):
   return step, init
 
 
-def measure_ours(names, k, rounds):
+def blas_limit():
+  """A context that runs the BLAS and LAPACK libraries loaded in this process
+  (scipy's OpenBLAS, where jax's CPU eigendecompositions run) on one thread;
+  ``None`` where threadpoolctl (installed with scikit-learn) is missing."""
+  try:
+    import threadpoolctl
+  except ImportError:
+    return None
+  return lambda: threadpoolctl.threadpool_limits(1, user_api="blas")
+
+
+def measure_ours(names, k, rounds, limit=None):
+  """Our steps' rows. With ``limit`` (:func:`blas_limit`), each round also
+  times each step with one BLAS thread (``ms_blas1``), right after its default
+  timing."""
+  import contextlib
+
   import jax
 
   from benchmarks.speed._common import hlo_stats
@@ -194,24 +216,29 @@ def measure_ours(names, k, rounds):
       "fusions": stats["fusions"],
     }
     compiled[name] = (executable, init)
-  samples = {name: [] for name in compiled}
+  modes = {"ms": contextlib.nullcontext}
+  if limit is not None:
+    modes["ms_blas1"] = limit
+  samples = {(name, mode): [] for name in compiled for mode in modes}
   carries = {name: init() for name, (_, init) in compiled.items()}
   for name, (executable, _) in compiled.items():  # warm up
     p, s, x, y = carries[name]
     carries[name] = (*executable(p, s, x, y), x, y)
   for _ in range(rounds):
     for name, (executable, _) in compiled.items():
-      times = []
-      for _ in range(5):
-        p, s, x, y = carries[name]
-        start = time.perf_counter()
-        p, s = executable(p, s, x, y)
-        jax.block_until_ready(p)
-        times.append(time.perf_counter() - start)
-        carries[name] = (p, s, x, y)
-      samples[name].append(float(np.median(times)))
-  for name in compiled:
-    rows[name]["ms"] = 1e3 * min(samples[name])
+      for mode, context in modes.items():
+        times = []
+        with context():
+          for _ in range(5):
+            p, s, x, y = carries[name]
+            start = time.perf_counter()
+            p, s = executable(p, s, x, y)
+            jax.block_until_ready(p)
+            times.append(time.perf_counter() - start)
+            carries[name] = (p, s, x, y)
+        samples[name, mode].append(float(np.median(times)))
+  for name, mode in samples:
+    rows[name][mode] = 1e3 * min(samples[name, mode])
   return rows
 
 
@@ -316,16 +343,19 @@ def table(results):
     theirs = results.get("torchjd", {}).get(k, {})
     mean = rows.get("mean", {}).get("ms")
     lines.append(f"K = {k}")
+    mean_1 = rows.get("mean", {}).get("ms_blas1")
     lines.append(
-      f"{'rule':>12} {'ms':>8} {'x mean':>7} {'TorchJD ms':>11} {'ours/TJD':>9}"
-      f" {'compile s':>10} {'MB':>8} {'GFLOP':>7} {'fusions':>8}"
+      f"{'rule':>12} {'ms':>8} {'x mean':>7} {'1 BLAS thread':>14} {'TorchJD ms':>11}"
+      f" {'ours/TJD':>9} {'compile s':>10} {'MB':>8} {'GFLOP':>7} {'fusions':>8}"
     )
     for name, row in rows.items():
       tj_ms = theirs.get(name)
       ratio = f"{row['ms'] / tj_ms:9.2f}" if tj_ms else f"{'-':>9}"
       tj = f"{tj_ms:11.1f}" if tj_ms else f"{'-':>11}"
+      one = row.get("ms_blas1")
+      one = f"{one:7.1f} x{one / mean_1:4.2f}" if one and mean_1 else f"{'-':>14}"
       lines.append(
-        f"{name:>12} {row['ms']:8.1f} {row['ms'] / mean:7.2f} {tj} {ratio}"
+        f"{name:>12} {row['ms']:8.1f} {row['ms'] / mean:7.2f} {one:>14} {tj} {ratio}"
         f" {row['compile_s']:10.1f} {row['bytes_accessed'] / 1e6:8.0f}"
         f" {row['flops'] / 1e9:7.2f} {row['fusions']:8d}"
       )
@@ -340,6 +370,11 @@ def main():
   parser.add_argument("--torchjd-python", default=None, help="python of a TorchJD environment")
   parser.add_argument("--out", default="results")
   parser.add_argument("--stem", default="multitask_step", help="name of the .json and .png")
+  parser.add_argument(
+    "--no-blas-limit",
+    action="store_true",
+    help="do not also time our steps with one BLAS thread",
+  )
   parser.add_argument("--torchjd-worker", action="store_true", help=argparse.SUPPRESS)
   args = parser.parse_args()
   ks = [int(k) for k in args.tasks.split(",")]
@@ -353,8 +388,9 @@ def main():
   results = {"machine": machine(), "ours": {}, "torchjd": {}, "rules": names}
   out = pathlib.Path(args.out)
   out.mkdir(parents=True, exist_ok=True)
+  limit = None if args.no_blas_limit else blas_limit()
   for k in ks:
-    results["ours"][str(k)] = measure_ours(names, k, args.rounds)
+    results["ours"][str(k)] = measure_ours(names, k, args.rounds, limit)
     if args.torchjd_python:
       command = [
         args.torchjd_python, "-m", "benchmarks.multitask_step", "--torchjd-worker",
