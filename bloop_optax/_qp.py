@@ -212,12 +212,9 @@ def start_inverse(q, free):
   dtype = q.dtype
   count = jnp.sum(free)
   j = jnp.argmax(free)
-  e_j = (jnp.arange(k) == j).astype(dtype)
   pivot = q[j, j]
   single = (count == 1) & (pivot > 0)
-  inv = jnp.eye(k, dtype=dtype) + jnp.where(
-    single, 1 / jnp.where(single, pivot, 1) - 1, 0
-  ) * jnp.outer(e_j, e_j)
+  inv = jnp.eye(k, dtype=dtype).at[j, j].set(jnp.where(single, 1 / jnp.where(single, pivot, 1), 1))
   valid = (count == 0) | (single & _stands(q, free, inv))
   return inv, valid
 
@@ -256,7 +253,13 @@ def _free_set_solutions(q, c, free, inv, valid, simplex):
   return lax.cond(jnp.all(ok), lambda: (fast, inv, valid), rebuild)
 
 
-def active_set(q, c, x0, free0, simplex, budget=None, carry=None, inverse0=None):
+def carries(k: int, problems: int) -> bool:
+  """Whether the active set carries the free block's inverse for ``problems``
+  problems on one K x K matrix (``CARRY_FROM_K``, ``CARRY_SINGLE_FROM_K``)."""
+  return k >= (CARRY_SINGLE_FROM_K if problems == 1 else CARRY_FROM_K)
+
+
+def active_set(q, c, x0, free0, simplex, budget=None, carry=None, inverse0=()):
   """Solves the QP of the module docstring from a feasible start.
 
   Args:
@@ -273,7 +276,7 @@ def active_set(q, c, x0, free0, simplex, budget=None, carry=None, inverse0=None)
       the pseudo-inverse of its KKT matrix. Both give the same steps.
     inverse0: with ``carry``, the start's carried inverse and whether it is
       valid, as an earlier call returned it for the free set ``free0``
-      (warm starts: CAGrad's sequence of problems on one ``q``); ``None``:
+      (warm starts: CAGrad's sequence of problems on one ``q``); ``()``:
       known only for a start with at most one free index, else rebuilt.
 
   Returns:
@@ -288,7 +291,7 @@ def active_set(q, c, x0, free0, simplex, budget=None, carry=None, inverse0=None)
   budget = ACTIVE_SET_BUDGET(k) if budget is None else budget
   single = jnp.ndim(c) == 1
   if carry is None:
-    carry = k >= (CARRY_SINGLE_FROM_K if single or jnp.shape(c)[0] == 1 else CARRY_FROM_K)
+    carry = carries(k, 1 if single else jnp.shape(c)[0])
   tol = _tolerance(dtype)
   c, x0, free0 = (jnp.atleast_2d(a) for a in (c, x0, free0))
   scale = jnp.maximum(jnp.max(jnp.abs(q)), jnp.max(jnp.abs(c), axis=1))  # [B]
@@ -350,13 +353,10 @@ def active_set(q, c, x0, free0, simplex, budget=None, carry=None, inverse0=None)
   batch = c.shape[0]
   if not carry:
     inverse = ()
-  elif inverse0 is None:
+  elif not inverse0:
     inverse = jax.vmap(lambda f: start_inverse(q, f))(free0)
   else:
-    inverse = tuple(
-      jnp.reshape(a, (batch, *jnp.shape(a)[jnp.ndim(a) - b :]))
-      for a, b in zip(inverse0, (2, 0), strict=True)
-    )
+    inverse = tuple(a[None] for a in inverse0) if single else inverse0
   start = (
     x0.astype(dtype),
     free0,

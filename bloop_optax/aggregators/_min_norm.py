@@ -66,7 +66,7 @@ def cagrad_weights(gram: jax.Array, *, c: jax.typing.ArrayLike = 0.5) -> jax.Arr
   def h(t, x, free, inverse):
     # Each QP starts from the last one's solution and, for a large K, the
     # inverse of its free block (so no eigendecomposition is needed to start).
-    x, free, _, inverse = _qp.active_set(g, t * gb, x, free, simplex=True, inverse0=inverse or None)
+    x, free, _, inverse = _qp.active_set(g, t * gb, x, free, simplex=True, inverse0=inverse)
     return jnp.sqrt(jnp.maximum(x @ g @ x, 0)) - safe_radius * t, x, free, inverse
 
   iters = jnp.finfo(dtype).nmant + 10
@@ -104,7 +104,7 @@ def cagrad_weights(gram: jax.Array, *, c: jax.typing.ArrayLike = 0.5) -> jax.Arr
 
   vertex = (jnp.arange(k) == jnp.argmin(jnp.diag(g))).astype(dtype)
   ends = (vertex, vertex > 0)  # each end's solution and free set, and the last ones
-  inverse = _qp.start_inverse(g, vertex > 0) if k >= _qp.CARRY_SINGLE_FROM_K else ()
+  inverse = _qp.start_inverse(g, vertex > 0) if _qp.carries(k, 1) else ()
   start = (jnp.zeros([], jnp.int32), jnp.zeros([], dtype), hi0, *ends, *ends, *ends, inverse)
   i, lo, hi, x_lo, _, x_hi, _, _, _, _ = lax.while_loop(halving_on, turn, start)
   # Between lo and hi the QP's solution is x_lo + s (x_hi - x_lo), s = (t - lo) /
